@@ -1,5 +1,8 @@
 """``python -m bench [pytest args]``: run the peer benchmarks at full size and print one table of ratios.
 
+Run it from the repository root after ``pip install ".[bench]"``; pytest runs with ``-P`` so that the
+installed pyqshare (with its compiled core) is imported, not the source folder.
+
 Ratios are peer median / pyqshare median within each group (above 1 means pyqshare is faster); GB/s is
 ``extra_info["bytes"]`` over the median. The machine is shared and noisy: read medians and ratios, never a
 lone absolute time.
@@ -47,7 +50,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         env = {**os.environ, "PYQSHARE_BENCH_SCALE": os.environ.get("PYQSHARE_BENCH_SCALE", "full")}
-        cmd = [sys.executable, "-m", "pytest", str(Path(__file__).parent), "--benchmark-enable",
+        cmd = [sys.executable, "-P", "-m", "pytest", str(Path(__file__).parent), "--benchmark-enable",
                f"--benchmark-json={out}", "-p", "no:cacheprovider", "-q", *argv]
         rc = subprocess.call(cmd, env=env)
         if not out.exists():
