@@ -127,38 +127,64 @@ struct CdcParams {
 // Candidates are stored as (position << 1) | is_strict.
 using Candidates = std::vector<std::uint64_t>;
 
+inline std::uint64_t gear_step(std::uint64_t h, std::uint8_t byte) { return (h << 1) + kGear[byte]; }
+
 // Every loose candidate e (see above) with first < e <= last, i.e. rolling-hash positions i in
-// [first, last). The hash is warmed up on the 64 bytes before `first`, which gives the same h as a scan
-// from byte 0. Lanes of the range run interleaved so that several independent hash chains are in flight.
+// [first, last). The hash is warmed up on the 64 bytes before each starting point, which gives the same h
+// as a scan from byte 0. The range is split into four lanes scanned in one loop so that four independent
+// hash chains are in flight. The loop makes no calls (a call would push the hashes out of registers):
+// hits go to a small stack buffer, emptied into the per-lane lists after each block.
 inline void cdc_candidates_in(const std::uint8_t* data, std::size_t first, std::size_t last, const CdcParams& p,
                               Candidates& out) {
-  constexpr std::size_t kLanes = 4;
   constexpr std::size_t kWindow = 64;
+  constexpr std::size_t kLanes = 4;
+  constexpr std::size_t kBlock = 256;  // steps per block; each step can hit in every lane
+  const std::uint64_t loose = p.loose_mask;
   const std::size_t lane_len = (last - first) / kLanes;
-  std::uint64_t h[kLanes] = {};
-  std::size_t lane_start[kLanes];
-  for (std::size_t l = 0; l < kLanes; ++l) {
-    lane_start[l] = first + l * lane_len;
-    const std::size_t warm = lane_start[l] >= kWindow ? lane_start[l] - kWindow : 0;
-    for (std::size_t i = warm; i < lane_start[l]; ++i) h[l] = (h[l] << 1) + kGear[data[i]];
-  }
-  Candidates lane_hits[kLanes - 1];  // lane 0 writes straight to out: lanes are in position order
-  const auto record = [&](Candidates& sink, std::size_t i, std::uint64_t hash) {
-    sink.push_back((static_cast<std::uint64_t>(i + 1) << 1) | ((hash & p.strict_mask) == 0 ? 1 : 0));
+  const auto warm_hash = [&](std::size_t start) {
+    std::uint64_t h = 0;
+    for (std::size_t i = start >= kWindow ? start - kWindow : 0; i < start; ++i) h = gear_step(h, data[i]);
+    return h;
   };
-  for (std::size_t j = 0; j < lane_len; ++j) {
-    for (std::size_t l = 0; l < kLanes; ++l) {
-      const std::size_t i = lane_start[l] + j;
-      h[l] = (h[l] << 1) + kGear[data[i]];
-      if ((h[l] & p.loose_mask) == 0) [[unlikely]] record(l == 0 ? out : lane_hits[l - 1], i, h[l]);
+  std::uint64_t h0 = warm_hash(first), h1 = warm_hash(first + lane_len), h2 = warm_hash(first + 2 * lane_len),
+                h3 = warm_hash(first + 3 * lane_len);
+  const std::uint8_t* q0 = data + first;
+  const std::uint8_t* q1 = q0 + lane_len;
+  const std::uint8_t* q2 = q1 + lane_len;
+  const std::uint8_t* q3 = q2 + lane_len;
+  const std::uint8_t* const lane1_start = q1;
+  const std::uint8_t* const lane2_start = q2;
+  const std::uint8_t* const lane3_start = q3;
+
+  Candidates later_lanes[kLanes - 1];  // lane 0 goes straight to out: lanes are in position order
+  const auto keep = [&](const std::uint8_t* at, std::uint64_t h) {
+    const std::size_t lane = (at >= lane1_start) + (at >= lane2_start) + (at >= lane3_start);
+    const auto position = static_cast<std::uint64_t>(at - data) + 1;
+    (lane == 0 ? out : later_lanes[lane - 1]).push_back((position << 1) | ((h & p.strict_mask) == 0 ? 1 : 0));
+  };
+  const std::uint8_t* hit_at[kLanes * kBlock];
+  std::uint64_t hit_hash[kLanes * kBlock];
+  const std::uint8_t* const lanes_end = lane1_start;
+  while (q0 < lanes_end) {
+    const std::uint8_t* const block_end = q0 + std::min<std::size_t>(kBlock, lanes_end - q0);
+    std::size_t hits = 0;
+    for (; q0 < block_end; ++q0, ++q1, ++q2, ++q3) {
+      h0 = gear_step(h0, *q0);
+      h1 = gear_step(h1, *q1);
+      h2 = gear_step(h2, *q2);
+      h3 = gear_step(h3, *q3);
+      if ((h0 & loose) == 0) [[unlikely]] { hit_at[hits] = q0; hit_hash[hits++] = h0; }
+      if ((h1 & loose) == 0) [[unlikely]] { hit_at[hits] = q1; hit_hash[hits++] = h1; }
+      if ((h2 & loose) == 0) [[unlikely]] { hit_at[hits] = q2; hit_hash[hits++] = h2; }
+      if ((h3 & loose) == 0) [[unlikely]] { hit_at[hits] = q3; hit_hash[hits++] = h3; }
     }
+    for (std::size_t k = 0; k < hits; ++k) keep(hit_at[k], hit_hash[k]);
   }
-  std::uint64_t tail = h[kLanes - 1];  // the last lane also covers the remainder of the range
-  for (std::size_t i = lane_start[kLanes - 1] + lane_len; i < last; ++i) {
-    tail = (tail << 1) + kGear[data[i]];
-    if ((tail & p.loose_mask) == 0) record(lane_hits[kLanes - 2], i, tail);
+  for (const std::uint8_t* const end = data + last; q3 < end; ++q3) {  // the last lane takes the remainder
+    h3 = gear_step(h3, *q3);
+    if ((h3 & loose) == 0) keep(q3, h3);
   }
-  for (auto& hits : lane_hits) out.insert(out.end(), hits.begin(), hits.end());
+  for (const auto& hits : later_lanes) out.insert(out.end(), hits.begin(), hits.end());
 }
 
 // Walks the per-segment candidate lists as one sorted sequence.
@@ -232,7 +258,7 @@ inline std::vector<std::uint64_t> cdc_chunk_ends_reference(const std::uint8_t* d
   std::uint64_t h = 0;
   std::size_t start = 0;
   for (std::size_t i = 0; i < n; ++i) {
-    h = (h << 1) + kGear[data[i]];
+    h = gear_step(h, data[i]);
     const std::size_t e = i + 1;
     const std::size_t size = e - start;
     if (e == n) break;
