@@ -63,6 +63,9 @@ inline constexpr std::size_t kStripesPerBlock = (kSecretSize - 64) / 8;  // 16
 inline constexpr std::size_t kBlockSize = kStripeSize * kStripesPerBlock;  // 1024
 inline constexpr std::size_t kScrambleSecretOffset = kSecretSize - 64;
 inline constexpr std::size_t kLastStripeSecretOffset = kSecretSize - 71;
+// The vector kernels prefetch this far ahead: on big buffers the loop is memory-bound, and the hardware
+// prefetcher alone leaves it 5-10% short of a plain read (measured against a sum over the same memory).
+inline constexpr std::size_t kPrefetchDistance = 384;
 
 namespace detail {
 
@@ -273,6 +276,7 @@ inline void stripes_sse2_regs(__m128i a[4], const std::uint8_t* in, std::size_t 
   for (std::size_t s = 0; s < n_stripes; ++s) {
     const std::uint8_t* d = in + s * kStripeSize;
     const std::uint8_t* k = secret + 8 * s;
+    __builtin_prefetch(d + kPrefetchDistance);
     for (int j = 0; j < 4; ++j) {
       a[j] = accumulate_pair_sse2(a[j], _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 16 * j)),
                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(k + 16 * j)));
@@ -326,6 +330,7 @@ PYQSHARE_AVX2 inline void stripes_avx2_regs(__m256i& a0, __m256i& a1, const std:
   for (std::size_t s = 0; s < n_stripes; ++s) {
     const std::uint8_t* d = in + s * kStripeSize;
     const std::uint8_t* k = secret + 8 * s;
+    __builtin_prefetch(d + kPrefetchDistance);
     a0 = accumulate_quad_avx2(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d)),
                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k)));
     a1 = accumulate_quad_avx2(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 32)),
