@@ -24,10 +24,6 @@ WORKLOADS = {
 }
 
 
-def per_workload():
-    return [pytest.param(w, id=w, marks=pytest.mark.benchmark(group=group)) for w, group in WORKLOADS.items()]
-
-
 @pytest.fixture(scope="module")
 def data(scaled):
     size = scaled(1 << 30, (4 << 20) + 123)
@@ -47,12 +43,39 @@ def tree_digest_with_xxhash(view: memoryview) -> bytes:
     return xxhash.xxh3_128_digest(leaves + len(view).to_bytes(8, "little"))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("workload", per_workload())
-def test_pyqshare(benchmark, data, workload, threads):
-    benchmark.extra_info["impl"] = "pyqshare" if threads == 1 else f"pyqshare {threads} threads"
+PEERS = {
+    "numpy read (sum uint64)": lambda d: d.view(np.uint64).sum(),
+    "xxhash xxh3_128": xxhash.xxh3_128_digest,
+    "blake3 (1 thread)": lambda d: blake3.blake3(d, max_threads=1).digest(),
+    "hashlib sha256": lambda d: hashlib.sha256(d).digest(),
+    "hashlib md5": lambda d: hashlib.md5(d).digest(),
+}
+SLOW_PEERS = {"hashlib md5", "hashlib sha256"}
+OURS = {"pyqshare": 1, "pyqshare 2 threads": 2}
+
+
+def cases():
+    """Every (workload, implementation) pair, a group's runs back to back: the machine's load drifts, and
+    ratios are only meaningful between runs close in time."""
+    return [
+        pytest.param(workload, impl, id=f"{workload}-{impl}", marks=pytest.mark.benchmark(group=group))
+        for workload, group in WORKLOADS.items()
+        for impl in [*OURS, *PEERS]
+    ]
+
+
+@pytest.mark.parametrize(("workload", "impl"), cases())
+def test_hashing(benchmark, run_once, data, workload, impl):
+    benchmark.extra_info["impl"] = impl
     benchmark.extra_info["bytes"] = data.nbytes
-    benchmark.extra_info["note"] = f"{data.nbytes / 2**20:.0f} MiB random, ISA {_core._hash_isa()}"
+    if impl in OURS:
+        benchmark.extra_info["note"] = f"{data.nbytes / 2**20:.0f} MiB random, ISA {_core._hash_isa()}"
+        run_pyqshare(benchmark, data, workload, OURS[impl])
+    else:
+        run_peer(benchmark, run_once, data, impl)
+
+
+def run_pyqshare(benchmark, data, workload, threads):
     view = memoryview(data)
     if workload == "digest":
         result = benchmark(tensor_digest, data, num_threads=threads)
@@ -66,21 +89,7 @@ def test_pyqshare(benchmark, data, workload, threads):
         np.testing.assert_array_equal(result.offsets + result.lengths, ends.astype(np.int64))
 
 
-PEERS = {
-    "hashlib md5": lambda d: hashlib.md5(d).digest(),
-    "hashlib sha256": lambda d: hashlib.sha256(d).digest(),
-    "blake3 (1 thread)": lambda d: blake3.blake3(d, max_threads=1).digest(),
-    "xxhash xxh3_128": xxhash.xxh3_128_digest,
-    "numpy read (sum uint64)": lambda d: d.view(np.uint64).sum(),
-}
-SLOW_PEERS = {"hashlib md5", "hashlib sha256"}
-
-
-@pytest.mark.parametrize("peer", list(PEERS))
-@pytest.mark.parametrize("workload", per_workload())
-def test_peer(benchmark, run_once, data, workload, peer):
-    benchmark.extra_info["impl"] = peer
-    benchmark.extra_info["bytes"] = data.nbytes
+def run_peer(benchmark, run_once, data, peer):
     words = data[: data.nbytes // 8 * 8]  # the numpy read needs whole uint64 words
     target = words if peer.startswith("numpy") else data
     fn = PEERS[peer]
