@@ -98,8 +98,10 @@ struct Product128 {
   std::uint64_t hi;
 };
 
+__extension__ typedef unsigned __int128 uint128;  // GCC/Clang extension; __extension__ keeps -Wpedantic quiet
+
 inline Product128 multiply_full(std::uint64_t a, std::uint64_t b) {
-  const unsigned __int128 p = static_cast<unsigned __int128>(a) * b;
+  const uint128 p = static_cast<uint128>(a) * b;
   return {static_cast<std::uint64_t>(p), static_cast<std::uint64_t>(p >> 64)};
 }
 
