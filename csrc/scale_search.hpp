@@ -18,9 +18,11 @@
 //   refinement: k = code - zero_point of the winner, s* = sum(w x k) / sum(w k k) (zero point kept);
 //     f32(s*) replaces the winner when its error is not larger.
 //
-// The fast search returns exactly the reference's answer: it only skips candidates that are provably
-// worse (exact lower bounds from the largest elements, with a rounding margin) and abandons an exact
-// evaluation once its partial sum, which can only grow, exceeds the best error found so far.
+// The fast search returns exactly the reference's answer: candidates are tried in the order of a cheap
+// estimate, and a candidate is dropped only when it is provably worse than the best so far: by an exact
+// lower bound from the largest elements (with a rounding margin), by a float32 screening pass whose
+// prefix sums bound the exact error from below (ScreenBound), or by early abandoning of the exact sum
+// (its partial sums can only grow).
 #pragma once
 
 #include <algorithm>
@@ -287,18 +289,89 @@ PYQSHARE_AVX512 inline void refine_sums_avx512(const GroupData& g, const Candida
   den = lanes_sum_avx512(d0, d1);
 }
 
+// Screening: a float32 version of the mse sum (x * (1/scale) in float32, fused x - q*scale, float32
+// lanes) that is 3-5x cheaper than the exact sum. It only decides abandonment: it returns true once its
+// prefix sum exceeds `threshold`, which ScreenBound sets so that this proves the exact error exceeds the
+// best one (see ScreenBound). A candidate that survives screening is then evaluated exactly.
+PYQSHARE_AVX512 inline bool screen_mse_avx512(const GroupData& g, const float* w32, const Candidate& c,
+                                              double threshold) {
+  const __m512 inv = _mm512_set1_ps(1.0f / c.scale), scale = _mm512_set1_ps(c.scale);
+  const __m512 lo = _mm512_set1_ps(c.lo), hi = _mm512_set1_ps(c.hi);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  std::size_t k = 0;
+  while (k < g.n) {
+    const std::size_t stop = std::min(g.n, k + kCheckEvery);
+    for (; k < stop; k += 32) {
+      const unsigned rest = static_cast<unsigned>(std::min<std::size_t>(stop - k, 32));
+      const __mmask16 m0 = static_cast<__mmask16>(rest >= 16 ? 0xFFFF : (1u << rest) - 1);
+      const __mmask16 m1 = static_cast<__mmask16>(rest > 16 ? (rest == 32 ? 0xFFFF : (1u << (rest - 16)) - 1) : 0);
+      const __m512 x0 = _mm512_maskz_loadu_ps(m0, g.x + k), x1 = _mm512_maskz_loadu_ps(m1, g.x + k + 16);
+      const __m512 q0 = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x0, inv), lo), hi),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 q1 = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x1, inv), lo), hi),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 d0 = _mm512_fnmadd_ps(q0, scale, x0), d1 = _mm512_fnmadd_ps(q1, scale, x1);
+      if (w32) {
+        acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m0, w32 + k), d0), d0, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m1, w32 + k + 16), d1), d1, acc1);
+      } else {
+        acc0 = _mm512_fmadd_ps(d0, d0, acc0);
+        acc1 = _mm512_fmadd_ps(d1, d1, acc1);
+      }
+    }
+    if (static_cast<double>(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))) > threshold) return true;
+  }
+  return false;
+}
+
+PYQSHARE_AVX2 inline bool screen_mse_avx2(const GroupData& g, const float* w32, const Candidate& c,
+                                          double threshold) {
+  const __m256 inv = _mm256_set1_ps(1.0f / c.scale), scale = _mm256_set1_ps(c.scale);
+  const __m256 lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
+  __m256 acc = _mm256_setzero_ps();
+  std::size_t k = 0;
+  while (k < g.n) {
+    const std::size_t stop = std::min(g.n, k + kCheckEvery);
+    for (; k + 8 <= stop; k += 8) {
+      const __m256 x = _mm256_loadu_ps(g.x + k);
+      const __m256 q = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), lo), hi),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 d = _mm256_fnmadd_ps(q, scale, x);
+      acc = _mm256_fmadd_ps(w32 ? _mm256_mul_ps(_mm256_loadu_ps(w32 + k), d) : d, d, acc);
+    }
+    alignas(32) float lane[8];
+    _mm256_store_ps(lane, acc);
+    float partial = 0.0f;
+    for (float v : lane) partial += v;
+    for (; k < stop; ++k) {  // at most 7 elements, only at the very end
+      const float q = std::nearbyint(std::min(std::max(g.x[k] * (1.0f / c.scale), c.lo), c.hi));
+      const float d = std::fma(-q, c.scale, g.x[k]);
+      partial = std::fma(w32 ? w32[k] * d : d, d, partial);
+    }
+    if (static_cast<double>(partial) > threshold) return true;
+  }
+  return false;
+}
+
 // Minimum, maximum and finiteness of x, and x widened to float64.
-PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, double* xd, float& lo_out, float& hi_out) {
+PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, double* xd, float& lo_out, float& hi_out,
+                                       double& sum_sq) {
   __m256 lo = _mm256_set1_ps(x[0]), hi = lo, bad = _mm256_setzero_ps();
+  __m256d sq = _mm256_setzero_pd();
   std::size_t k = 0;
   for (; k + 8 <= n; k += 8) {
     const __m256 v = _mm256_loadu_ps(x + k);
     lo = _mm256_min_ps(lo, v);
     hi = _mm256_max_ps(hi, v);
     bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
-    _mm256_storeu_pd(xd + k, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-    _mm256_storeu_pd(xd + k + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    const __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    _mm256_storeu_pd(xd + k, v0);
+    _mm256_storeu_pd(xd + k + 4, v1);
+    sq = _mm256_fmadd_pd(v0, v0, _mm256_fmadd_pd(v1, v1, sq));
   }
+  alignas(32) double sq_lane[4];
+  _mm256_store_pd(sq_lane, sq);
+  sum_sq = (sq_lane[0] + sq_lane[1]) + (sq_lane[2] + sq_lane[3]);
   alignas(32) float l[8], h[8];
   _mm256_store_ps(l, lo);
   _mm256_store_ps(h, hi);
@@ -312,10 +385,19 @@ PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, double* xd
     lo_out = std::min(lo_out, x[k]);
     hi_out = std::max(hi_out, x[k]);
     xd[k] = x[k];
+    sum_sq += xd[k] * xd[k];
   }
   return finite;
 }
 #endif
+
+inline bool screen_mse(const GroupData& g, const float* w32, const Candidate& c, double threshold, Isa isa) {
+#ifdef PYQSHARE_QUANT_X86
+  if (isa == Isa::kAvx512) return screen_mse_avx512(g, w32, c, threshold);
+  if (isa == Isa::kAvx2) return screen_mse_avx2(g, w32, c, threshold);
+#endif
+  return false;
+}
 
 inline Isa detect_isa() {
 #ifdef PYQSHARE_QUANT_X86
@@ -381,6 +463,25 @@ inline Candidate refine(const GroupData& g, const Candidate& best, double best_e
 
 struct GroupStats {
   double xmin = 0.0, xmax = 0.0, weight_sum = 0.0;
+  double weighted_x2 = 0.0;  // sum(w x^2), filled only where screening may run
+};
+
+// When a screening prefix sum P proves a candidate's exact error E exceeds the best error B.
+// Screening's d' differs from the exact d by at most a rounding of the quotient near a half-integer
+// (|d'| <= |d| + 2^-21 |x|) and float32 roundings (relative 2^-23 each), so per element
+// |d'| <= (1 + 2^-22)(|d| + 2^-19 (|x| + s)); by the triangle inequality in the weighted 2-norm
+// sqrt(sum w d'^2) <= (1 + 2^-22)(sqrt(E) + 2^-19 (sqrt(sum w x^2) + s sqrt(sum w))), and the float32
+// prefix sum is at most (1 + gamma) times its exact value, gamma = (n / 16 + 64) 2^-23 (generous).
+// Hence P > (1 + gamma) (1 + 2^-22)^2 (sqrt(B (1 + 1e-9)) + slack)^2 implies E > B.
+// Float32 must not overflow: screening runs only for |x| <= 1e15 and n <= 65536.
+struct ScreenBound {
+  bool enabled = false;
+  double xnorm = 0.0, wroot = 0.0, gamma = 0.0;
+  double threshold(double best_error, float scale) const {
+    const double slack = 0x1p-19 * (1.0 + 1e-9) * (xnorm + static_cast<double>(scale) * wroot);
+    const double root = std::sqrt(best_error * (1.0 + 1e-9)) + slack;
+    return (1.0 + gamma) * (1.0 + 0x1p-20) * root * root;
+  }
 };
 
 inline bool degenerate(const GroupStats& s) { return s.xmin == 0.0 && s.xmax == 0.0; }
@@ -406,6 +507,8 @@ inline GroupResult search_group_reference(const GroupData& g, const GroupStats& 
 // Per-task scratch reused across the groups of a task (no allocation per group once grown).
 struct SearchScratch {
   std::vector<Candidate> cand;
+  std::vector<float> w32_buf;
+  const float* w32 = nullptr;  // float32 weights for screening (nullptr: unweighted)
   std::vector<double> bound, estimate;
   std::vector<int> order;
   std::vector<std::size_t> top;
@@ -413,12 +516,39 @@ struct SearchScratch {
   double top_xd[kLanes], top_w[kLanes];
 };
 
+#ifdef PYQSHARE_QUANT_X86
+// Appends the indices k with |x[k]| >= threshold (few: the scan is a vector compare per 8 elements).
+PYQSHARE_AVX2 inline void indices_at_least_avx2(const float* x, std::size_t n, float threshold,
+                                                std::vector<std::size_t>& out) {
+  const __m256 t = _mm256_set1_ps(threshold), sign = _mm256_set1_ps(-0.0f);
+  std::size_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    unsigned mask = static_cast<unsigned>(
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)), t, _CMP_GE_OQ)));
+    while (mask) {
+      out.push_back(k + static_cast<std::size_t>(__builtin_ctz(mask)));
+      mask &= mask - 1;
+    }
+  }
+  for (; k < n; ++k) {
+    if (std::fabs(x[k]) >= threshold) out.push_back(k);
+  }
+}
+#endif
+
 // Indices of up to kLanes largest |x| (any subset of elements gives a valid lower bound).
-inline void largest_elements(const GroupData& g, double m, std::vector<std::size_t>& top) {
+inline void largest_elements(const GroupData& g, double m, Isa isa, std::vector<std::size_t>& top) {
   top.clear();
   const float threshold = static_cast<float>(0.5 * m);
-  for (std::size_t k = 0; k < g.n; ++k) {
-    if (std::fabs(g.x[k]) >= threshold) top.push_back(k);
+#ifdef PYQSHARE_QUANT_X86
+  if (isa != Isa::kPortable) {
+    indices_at_least_avx2(g.x, g.n, threshold, top);
+  } else
+#endif
+  {
+    for (std::size_t k = 0; k < g.n; ++k) {
+      if (std::fabs(g.x[k]) >= threshold) top.push_back(k);
+    }
   }
   if (top.size() > kLanes) {
     std::nth_element(top.begin(), top.begin() + kLanes, top.end(), [&](std::size_t a, std::size_t b) {
@@ -439,7 +569,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
 
   // Lower bound of every candidate: its exact error on the largest elements alone. Summation order
   // differs from the full sum, so a relative margin covers the rounding of both sums.
-  largest_elements(g, std::max(-st.xmin, st.xmax), sc.top);
+  largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
   GroupData top;
   top.n = sc.top.size();
   for (std::size_t j = 0; j < top.n; ++j) {
@@ -460,15 +590,39 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   for (int i = 0; i < n_cand; ++i) {
     sc.bound[i] = top.n ? evaluate(top, sc.cand[i], cfg, isa).error * margin : 0.0;
     const double half = 0.5 * sc.cand[i].scale;
-    sc.estimate[i] = sc.bound[i] + in_range_weight * std::pow(half, p) / (p + 1.0);
+    sc.estimate[i] = sc.bound[i] + in_range_weight * (p == 2.0 ? half * half : std::pow(half, p)) / (p + 1.0);
   }
   std::iota(sc.order.begin(), sc.order.end(), 0);
   std::stable_sort(sc.order.begin(), sc.order.end(), [&](int a, int b) { return sc.estimate[a] < sc.estimate[b]; });
 
+  ScreenBound screen;
+  screen.enabled = isa != Isa::kPortable && cfg.squared() && g.n <= 65536 &&
+                   std::max(-st.xmin, st.xmax) <= 1e15;
+  if (screen.enabled) {
+    double wx2 = 0.0;
+    sc.w32 = nullptr;
+    if (g.w) {
+      sc.w32_buf.resize(g.n);
+      for (std::size_t k = 0; k < g.n; ++k) {
+        sc.w32_buf[k] = static_cast<float>(g.w[k]);
+        wx2 += g.w[k] * g.xd[k] * g.xd[k];
+      }
+      sc.w32 = sc.w32_buf.data();
+    } else {
+      wx2 = st.weighted_x2;
+    }
+    screen.xnorm = std::sqrt(wx2);
+    screen.wroot = std::sqrt(in_range_weight);
+    screen.gamma = (static_cast<double>(g.n) / 16.0 + 64.0) * 0x1p-23;
+  }
   int best = n_cand;  // none yet
   double best_error = HUGE_VAL;
   for (int i : sc.order) {
     if (best < n_cand && sc.bound[i] > best_error) continue;
+    if (best < n_cand && screen.enabled &&
+        screen_mse(g, sc.w32, sc.cand[i], screen.threshold(best_error, sc.cand[i].scale), isa)) {
+      continue;
+    }
     const bool ties_lose = i > best;
     const EvalResult r = evaluate(g, sc.cand[i], cfg, isa, best_error, ties_lose);
     if (!r.complete) continue;
@@ -549,7 +703,7 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
   if (n) lo = hi = g.x[0];
 #ifdef PYQSHARE_QUANT_X86
   if (n && isa != Isa::kPortable) {
-    finite = prepare_avx2(g.x, n, buf.xd.data(), lo, hi);
+    finite = prepare_avx2(g.x, n, buf.xd.data(), lo, hi, st.weighted_x2);
   } else
 #endif
   {

@@ -136,8 +136,7 @@ def test_matches_exhaustive_numpy_search(shape, axis, block_size, symmetric, bit
     grid = 40
     scale, zp = pq.scale_search(w, bits, axis=axis, block_size=block_size, symmetric=symmetric, grid=grid)
     raw_scale, raw_zp = core_search(w, bits, axis=axis, block_size=block_size, symmetric=symmetric, grid=grid, refine=False)
-    _, expected_shape_n = len(groups(w, axis, block_size)), scale.size
-    assert scale.size == expected_shape_n
+    assert scale.size == len(groups(w, axis, block_size))
     for k, x in enumerate(groups(w, axis, block_size)):
         best, errs, cands = np_search(x, bits, symmetric, grid)
         chosen = np_error(x, raw_scale.reshape(-1)[k], int(raw_zp.reshape(-1)[k]), bits, symmetric)
@@ -287,15 +286,19 @@ def test_fast_equals_reference(n, rows, bits, symmetric, grid, weighted, objecti
         np.testing.assert_array_equal(got[1], ref[1])
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_fast_equals_reference_realistic_rows(bits):
-    w = weights_like((6, 1000), bits)
-    ref = core_search(w, bits, reference=True)
-    for isa in ISAS:
-        for refine in (False, True):
-            got = core_search(w, bits, isa=isa, refine=refine)
-            want = ref if refine else core_search(w, bits, reference=True, refine=False)
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fast_equals_reference_realistic_rows(bits, symmetric, weighted):
+    """Rows long enough for every pruning stage (bounds, float32 screening, early abandoning)."""
+    w = weights_like((4, 1500), bits)
+    sw = np.random.default_rng(bits).gamma(0.5, size=1500) if weighted else None
+    for refine in (False, True):
+        want = core_search(w, bits, symmetric=symmetric, sample_weight=sw, reference=True, refine=refine)
+        for isa in ISAS:
+            got = core_search(w, bits, symmetric=symmetric, sample_weight=sw, isa=isa, refine=refine)
             np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_reciprocal_quotient_is_the_float32_quotient():
