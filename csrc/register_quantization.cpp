@@ -106,7 +106,7 @@ py::tuple scale_search_binding(const py::object& w_obj, int bits, bool symmetric
 
 template <class Code>
 py::array quantize_typed(const py::array_t<float, py::array::c_style>& x, const py::array_t<float, py::array::c_style>& scale,
-                         const py::object& zp_obj, const ScaleLayout& lay, int bits, int num_threads) {
+                         const py::object& zp_obj, const ScaleLayout& lay, int bits, int num_threads, bool simd) {
   check_code_width<Code>(bits);
   auto zp = require_array<Code>(zp_obj, "zero_point");
   if (static_cast<std::size_t>(zp.size()) != lay.n_params()) throw std::invalid_argument("zero_point must match scale");
@@ -114,14 +114,14 @@ py::array quantize_typed(const py::array_t<float, py::array::c_style>& x, const 
   {
     MaybeReleaseGil release(lay.size());
     quant::quantize(x.data(), scale.data(), zp.data(), out.mutable_data(), lay,
-                    quant::code_range(bits, std::is_signed_v<Code>), num_threads);
+                    quant::code_range(bits, std::is_signed_v<Code>), num_threads, simd && quant::has_avx2());
   }
   return std::move(out);
 }
 
 template <class Code>
 py::array dequantize_typed(const py::object& q_obj, const py::array_t<float, py::array::c_style>& scale,
-                           const py::object& zp_obj, const ScaleLayout& lay, int bits, int num_threads) {
+                           const py::object& zp_obj, const ScaleLayout& lay, int bits, int num_threads, bool simd) {
   check_code_width<Code>(bits);
   auto q = require_array<Code>(q_obj, "q");
   auto zp = require_array<Code>(zp_obj, "zero_point");
@@ -131,7 +131,7 @@ py::array dequantize_typed(const py::object& q_obj, const py::array_t<float, py:
   {
     MaybeReleaseGil release(lay.size());
     quant::dequantize(q.data(), scale.data(), zp.data(), out.mutable_data(), lay,
-                      quant::code_range(bits, std::is_signed_v<Code>), num_threads);
+                      quant::code_range(bits, std::is_signed_v<Code>), num_threads, simd && quant::has_avx2());
   }
   return std::move(out);
 }
@@ -181,7 +181,7 @@ void register_quantization(py::module_& m) {
   m.def(
       "quantize",
       [](const py::object& x_obj, const py::object& scale_obj, const py::object& zp_obj, int bits, int kind,
-         std::size_t outer, std::size_t length, std::size_t inner, std::size_t block, int num_threads) {
+         std::size_t outer, std::size_t length, std::size_t inner, std::size_t block, int num_threads, bool simd) {
         auto x = require_array<float>(x_obj, "x");
         auto scale = require_array<float>(scale_obj, "scale");
         check_bits(bits);
@@ -189,27 +189,29 @@ void register_quantization(py::module_& m) {
         if (static_cast<std::size_t>(x.size()) != lay.size()) throw std::invalid_argument("outer * length * inner must equal x.size");
         check_params(scale, lay);
         return dispatch_code_type(zp_obj, [&](auto code) {
-          return quantize_typed<decltype(code)>(x, scale, zp_obj, lay, bits, num_threads);
+          return quantize_typed<decltype(code)>(x, scale, zp_obj, lay, bits, num_threads, simd);
         });
       },
       py::arg("x"), py::arg("scale"), py::arg("zero_point"), py::arg("bits"), py::arg("kind"), py::arg("outer"),
-      py::arg("length"), py::arg("inner"), py::arg("block"), py::arg("num_threads"),
-      "ONNX QuantizeLinear over a validated (outer, length, inner) view; codes take zero_point's dtype.");
+      py::arg("length"), py::arg("inner"), py::arg("block"), py::arg("num_threads"), py::arg("simd") = true,
+      "ONNX QuantizeLinear over a validated (outer, length, inner) view; codes take zero_point's dtype. "
+      "simd=False forces the portable loop (for tests).");
   m.def(
       "dequantize",
       [](const py::object& q_obj, const py::object& scale_obj, const py::object& zp_obj, int bits, int kind,
-         std::size_t outer, std::size_t length, std::size_t inner, std::size_t block, int num_threads) {
+         std::size_t outer, std::size_t length, std::size_t inner, std::size_t block, int num_threads, bool simd) {
         auto scale = require_array<float>(scale_obj, "scale");
         check_bits(bits);
         const ScaleLayout lay = make_layout(kind, outer, length, inner, block);
         check_params(scale, lay);
         return dispatch_code_type(zp_obj, [&](auto code) {
-          return dequantize_typed<decltype(code)>(q_obj, scale, zp_obj, lay, bits, num_threads);
+          return dequantize_typed<decltype(code)>(q_obj, scale, zp_obj, lay, bits, num_threads, simd);
         });
       },
       py::arg("q"), py::arg("scale"), py::arg("zero_point"), py::arg("bits"), py::arg("kind"), py::arg("outer"),
-      py::arg("length"), py::arg("inner"), py::arg("block"), py::arg("num_threads"),
-      "ONNX DequantizeLinear over a validated (outer, length, inner) view; returns float32.");
+      py::arg("length"), py::arg("inner"), py::arg("block"), py::arg("num_threads"), py::arg("simd") = true,
+      "ONNX DequantizeLinear over a validated (outer, length, inner) view; returns float32. "
+      "simd=False forces the portable loop (for tests).");
 }
 
 }  // namespace pyqshare

@@ -90,8 +90,10 @@ inline double reduce_lanes(const double* lane) {
   return v0 + v1;
 }
 
-inline Candidate make_candidate(const SearchConfig& cfg, double xmin, double xmax, int i) {
-  const double r = static_cast<double>(cfg.grid - i) / cfg.grid;
+// Clipping ratio of candidate i: (grid - i) / grid in float64.
+inline double clip_ratio(const SearchConfig& cfg, int i) { return static_cast<double>(cfg.grid - i) / cfg.grid; }
+
+inline Candidate make_candidate(const SearchConfig& cfg, double xmin, double xmax, double r) {
   const CodeRange range = code_range(cfg.bits, cfg.symmetric);
   Candidate c;
   if (cfg.symmetric) {
@@ -353,6 +355,46 @@ PYQSHARE_AVX2 inline bool screen_mse_avx2(const GroupData& g, const float* w32, 
   return false;
 }
 
+PYQSHARE_AVX2 inline __m256 screen_term_avx2(__m256 x, __m256 inv, __m256 lo, __m256 hi, __m256 scale) {
+  const __m256 q = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), lo), hi),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_fnmadd_ps(q, scale, x);
+}
+
+// Screening of eight candidates at once (one per lane) over a whole small group: out[j] is the float32
+// screening sum of candidate j, bounded as in ScreenBound. Small groups (blocks) have too few elements
+// for per-candidate pruning to pay off; this evaluates every candidate cheaply instead.
+PYQSHARE_AVX2 inline void screen_candidates_avx2(const GroupData& g, const float* w32, const Candidate* cand,
+                                                 int n_cand, float* out) {
+  for (int c0 = 0; c0 < n_cand; c0 += 8) {
+    alignas(32) float inv_l[8], scale_l[8], lo_l[8], hi_l[8];
+    for (int j = 0; j < 8; ++j) {
+      const Candidate& c = cand[std::min(c0 + j, n_cand - 1)];
+      inv_l[j] = 1.0f / c.scale;
+      scale_l[j] = c.scale;
+      lo_l[j] = c.lo;
+      hi_l[j] = c.hi;
+    }
+    const __m256 inv = _mm256_load_ps(inv_l), scale = _mm256_load_ps(scale_l);
+    const __m256 lo = _mm256_load_ps(lo_l), hi = _mm256_load_ps(hi_l);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    std::size_t k = 0;
+    for (; k + 2 <= g.n; k += 2) {
+      const __m256 d0 = screen_term_avx2(_mm256_set1_ps(g.x[k]), inv, lo, hi, scale);
+      const __m256 d1 = screen_term_avx2(_mm256_set1_ps(g.x[k + 1]), inv, lo, hi, scale);
+      acc0 = _mm256_fmadd_ps(w32 ? _mm256_mul_ps(_mm256_set1_ps(w32[k]), d0) : d0, d0, acc0);
+      acc1 = _mm256_fmadd_ps(w32 ? _mm256_mul_ps(_mm256_set1_ps(w32[k + 1]), d1) : d1, d1, acc1);
+    }
+    if (k < g.n) {
+      const __m256 d0 = screen_term_avx2(_mm256_set1_ps(g.x[k]), inv, lo, hi, scale);
+      acc0 = _mm256_fmadd_ps(w32 ? _mm256_mul_ps(_mm256_set1_ps(w32[k]), d0) : d0, d0, acc0);
+    }
+    alignas(32) float sum[8];
+    _mm256_store_ps(sum, _mm256_add_ps(acc0, acc1));
+    for (int j = 0; j < 8 && c0 + j < n_cand; ++j) out[c0 + j] = sum[j];
+  }
+}
+
 // Minimum, maximum and finiteness of x, and x widened to float64.
 PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, double* xd, float& lo_out, float& hi_out,
                                        double& sum_sq) {
@@ -471,7 +513,8 @@ struct GroupStats {
 // (|d'| <= |d| + 2^-21 |x|) and float32 roundings (relative 2^-23 each), so per element
 // |d'| <= (1 + 2^-22)(|d| + 2^-19 (|x| + s)); by the triangle inequality in the weighted 2-norm
 // sqrt(sum w d'^2) <= (1 + 2^-22)(sqrt(E) + 2^-19 (sqrt(sum w x^2) + s sqrt(sum w))), and the float32
-// prefix sum is at most (1 + gamma) times its exact value, gamma = (n / 16 + 64) 2^-23 (generous).
+// prefix sum is at most (1 + gamma) times its exact value: gamma = (n / 2 + 64) 2^-23 covers every
+// kernel's float32 accumulation (at most n / 2 terms per lane, then a short reduction).
 // Hence P > (1 + gamma) (1 + 2^-22)^2 (sqrt(B (1 + 1e-9)) + slack)^2 implies E > B.
 // Float32 must not overflow: screening runs only for |x| <= 1e15 and n <= 65536.
 struct ScreenBound {
@@ -489,11 +532,11 @@ inline bool degenerate(const GroupStats& s) { return s.xmin == 0.0 && s.xmax == 
 // Brute force over every candidate: the specification the fast search must reproduce bit for bit.
 inline GroupResult search_group_reference(const GroupData& g, const GroupStats& st, const SearchConfig& cfg) {
   if (degenerate(st)) return {};
-  Candidate best = make_candidate(cfg, st.xmin, st.xmax, 0);
+  Candidate best = make_candidate(cfg, st.xmin, st.xmax, clip_ratio(cfg, 0));
   if (cfg.objective == Objective::kMinMax) return {best.scale, best.zero_point};
   double best_error = eval_scalar(g, best, cfg.p, cfg.squared(), HUGE_VAL, false).error;
   for (int i = 1; i < cfg.grid; ++i) {
-    const Candidate c = make_candidate(cfg, st.xmin, st.xmax, i);
+    const Candidate c = make_candidate(cfg, st.xmin, st.xmax, clip_ratio(cfg, i));
     const double e = eval_scalar(g, c, cfg.p, cfg.squared(), HUGE_VAL, false).error;
     if (e < best_error) {
       best = c;
@@ -509,7 +552,8 @@ struct SearchScratch {
   std::vector<Candidate> cand;
   std::vector<float> w32_buf;
   const float* w32 = nullptr;  // float32 weights for screening (nullptr: unweighted)
-  std::vector<double> bound, estimate;
+  std::vector<double> bound, estimate, ratio;
+  std::vector<float> screen_sum;
   std::vector<int> order;
   std::vector<std::size_t> top;
   float top_x[kLanes];
@@ -559,69 +603,101 @@ inline void largest_elements(const GroupData& g, double m, Isa isa, std::vector<
   }
 }
 
+// Groups up to this size screen every candidate at once instead of pruning candidate by candidate.
+constexpr std::size_t kSmallGroup = 512;
+
 inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, const SearchConfig& cfg, Isa isa,
                                      SearchScratch& sc) {
   if (degenerate(st)) return {};
   const int n_cand = cfg.objective == Objective::kMinMax ? 1 : cfg.grid;
   sc.cand.resize(n_cand);
-  for (int i = 0; i < n_cand; ++i) sc.cand[i] = make_candidate(cfg, st.xmin, st.xmax, i);
+  if (sc.ratio.size() != static_cast<std::size_t>(n_cand)) {
+    sc.ratio.resize(n_cand);
+    for (int i = 0; i < n_cand; ++i) sc.ratio[i] = clip_ratio(cfg, i);
+  }
+  for (int i = 0; i < n_cand; ++i) sc.cand[i] = make_candidate(cfg, st.xmin, st.xmax, sc.ratio[i]);
   if (cfg.objective == Objective::kMinMax) return {sc.cand[0].scale, sc.cand[0].zero_point};
 
-  // Lower bound of every candidate: its exact error on the largest elements alone. Summation order
-  // differs from the full sum, so a relative margin covers the rounding of both sums.
-  largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
-  GroupData top;
-  top.n = sc.top.size();
-  for (std::size_t j = 0; j < top.n; ++j) {
-    sc.top_x[j] = g.x[sc.top[j]];
-    sc.top_xd[j] = g.xd[sc.top[j]];
-    sc.top_w[j] = g.w ? g.w[sc.top[j]] : 1.0;
-  }
-  top.x = sc.top_x;
-  top.xd = sc.top_xd;
-  top.w = g.w ? sc.top_w : nullptr;
-  const double margin = 1.0 - (1e-9 + 4.0 * static_cast<double>(g.n) * DBL_EPSILON);
-  // Expected rounding error of one in-range element with unit weight: E|U|^p, U uniform in +-scale/2.
-  const double p = cfg.squared() ? 2.0 : cfg.p;
   const double in_range_weight = g.w ? st.weight_sum : static_cast<double>(g.n);
-  sc.bound.resize(n_cand);
-  sc.estimate.resize(n_cand);
-  sc.order.resize(n_cand);
-  for (int i = 0; i < n_cand; ++i) {
-    sc.bound[i] = top.n ? evaluate(top, sc.cand[i], cfg, isa).error * margin : 0.0;
-    const double half = 0.5 * sc.cand[i].scale;
-    sc.estimate[i] = sc.bound[i] + in_range_weight * (p == 2.0 ? half * half : std::pow(half, p)) / (p + 1.0);
-  }
-  std::iota(sc.order.begin(), sc.order.end(), 0);
-  std::stable_sort(sc.order.begin(), sc.order.end(), [&](int a, int b) { return sc.estimate[a] < sc.estimate[b]; });
-
   ScreenBound screen;
-  screen.enabled = isa != Isa::kPortable && cfg.squared() && g.n <= 65536 &&
-                   std::max(-st.xmin, st.xmax) <= 1e15;
+  screen.enabled = isa != Isa::kPortable && cfg.squared() && g.n <= 65536 && std::max(-st.xmin, st.xmax) <= 1e15;
+  sc.w32 = nullptr;
   if (screen.enabled) {
-    double wx2 = 0.0;
-    sc.w32 = nullptr;
+    double wx2 = st.weighted_x2;
     if (g.w) {
       sc.w32_buf.resize(g.n);
+      wx2 = 0.0;
       for (std::size_t k = 0; k < g.n; ++k) {
         sc.w32_buf[k] = static_cast<float>(g.w[k]);
         wx2 += g.w[k] * g.xd[k] * g.xd[k];
       }
       sc.w32 = sc.w32_buf.data();
-    } else {
-      wx2 = st.weighted_x2;
     }
     screen.xnorm = std::sqrt(wx2);
     screen.wroot = std::sqrt(in_range_weight);
-    screen.gamma = (static_cast<double>(g.n) / 16.0 + 64.0) * 0x1p-23;
+    screen.gamma = (static_cast<double>(g.n) / 2.0 + 64.0) * 0x1p-23;
   }
+
+  sc.bound.resize(n_cand);
+  sc.estimate.resize(n_cand);
+  sc.order.resize(n_cand);
+  std::iota(sc.order.begin(), sc.order.end(), 0);
+#ifdef PYQSHARE_QUANT_X86
+  if (screen.enabled && g.n <= kSmallGroup) {
+    // Screening sums of all candidates: their order is the evaluation order, and they prune below.
+    sc.screen_sum.resize(n_cand);
+    screen_candidates_avx2(g, sc.w32, sc.cand.data(), n_cand, sc.screen_sum.data());
+    for (int i = 0; i < n_cand; ++i) {
+      sc.estimate[i] = sc.screen_sum[i];
+      sc.bound[i] = 0.0;
+    }
+  } else
+#endif
+  {
+    // Lower bound of every candidate: its exact error on the largest elements alone. Summation order
+    // differs from the full sum, so a relative margin covers the rounding of both sums.
+    largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
+    GroupData top;
+    top.n = sc.top.size();
+    for (std::size_t j = 0; j < top.n; ++j) {
+      sc.top_x[j] = g.x[sc.top[j]];
+      sc.top_xd[j] = g.xd[sc.top[j]];
+      sc.top_w[j] = g.w ? g.w[sc.top[j]] : 1.0;
+    }
+    top.x = sc.top_x;
+    top.xd = sc.top_xd;
+    top.w = g.w ? sc.top_w : nullptr;
+    const double margin = 1.0 - (1e-9 + 4.0 * static_cast<double>(g.n) * DBL_EPSILON);
+    // Expected rounding error of one in-range element with unit weight: E|U|^p, U uniform in +-scale/2.
+    const double p = cfg.squared() ? 2.0 : cfg.p;
+    for (int i = 0; i < n_cand; ++i) {
+      sc.bound[i] = top.n ? evaluate(top, sc.cand[i], cfg, isa).error * margin : 0.0;
+      const double half = 0.5 * sc.cand[i].scale;
+      sc.estimate[i] = sc.bound[i] + in_range_weight * (p == 2.0 ? half * half : std::pow(half, p)) / (p + 1.0);
+    }
+  }
+  const bool screened_all = screen.enabled && g.n <= kSmallGroup;
+  if (screened_all) {
+    // The most promising candidate first, the others in index order: they are mostly pruned anyway.
+    const auto first = std::min_element(sc.estimate.begin(), sc.estimate.end()) - sc.estimate.begin();
+    std::rotate(sc.order.begin(), sc.order.begin() + first, sc.order.begin() + first + 1);
+  } else {
+    std::sort(sc.order.begin(), sc.order.end(), [&](int a, int b) {
+      return sc.estimate[a] < sc.estimate[b] || (sc.estimate[a] == sc.estimate[b] && a < b);
+    });
+  }
+
   int best = n_cand;  // none yet
   double best_error = HUGE_VAL;
   for (int i : sc.order) {
-    if (best < n_cand && sc.bound[i] > best_error) continue;
-    if (best < n_cand && screen.enabled &&
-        screen_mse(g, sc.w32, sc.cand[i], screen.threshold(best_error, sc.cand[i].scale), isa)) {
-      continue;
+    if (best < n_cand) {
+      if (sc.bound[i] > best_error) continue;
+      if (screened_all) {
+        if (sc.screen_sum[i] > screen.threshold(best_error, sc.cand[i].scale)) continue;
+      } else if (screen.enabled &&
+                 screen_mse(g, sc.w32, sc.cand[i], screen.threshold(best_error, sc.cand[i].scale), isa)) {
+        continue;
+      }
     }
     const bool ties_lose = i > best;
     const EvalResult r = evaluate(g, sc.cand[i], cfg, isa, best_error, ties_lose);

@@ -62,8 +62,9 @@ def quantize(
     inner: int,
     block: int,
     num_threads: int,
+    simd: bool = True,
 ) -> npt.NDArray[np.int8 | np.uint8 | np.int16 | np.uint16]:
-    """ONNX QuantizeLinear; codes take zero_point's dtype and x's shape."""
+    """ONNX QuantizeLinear; codes take zero_point's dtype and x's shape; simd=False: portable loop."""
 
 def dequantize(
     q: npt.NDArray[np.int8 | np.uint8 | np.int16 | np.uint16],
@@ -76,5 +77,6 @@ def dequantize(
     inner: int,
     block: int,
     num_threads: int,
+    simd: bool = True,
 ) -> npt.NDArray[np.float32]:
-    """ONNX DequantizeLinear; float32 with q's shape."""
+    """ONNX DequantizeLinear; float32 with q's shape; simd=False: portable loop."""

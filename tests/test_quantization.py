@@ -456,6 +456,23 @@ def test_quantize_dequantize_match_onnxruntime(bits, signed, shape, axis, block_
         np.testing.assert_array_equal(pq.dequantize(q, s, z, bits, **kwargs), deq_ort)
 
 
+@pytest.mark.parametrize("bits,signed", list(ORT_TYPES) + [(3, True), (12, False)])
+@pytest.mark.parametrize("shape,axis,block_size", [((5, 37), 0, None), ((5, 37), 1, 8), ((6, 5, 3), 1, 2), ((41,), None, None)])
+def test_quantize_simd_equals_portable(bits, signed, shape, axis, block_size):
+    _, _, _, _, _, _, pshape = _layout(shape, axis, block_size)
+    rng = np.random.default_rng(bits)
+    scale = rng.uniform(0.01, 0.3, size=pshape).astype(np.float32)
+    lo, hi = code_range(bits, signed)
+    zp = rng.integers(lo, hi + 1, size=pshape).astype(pq.kernels.quantization._code_dtype(bits, signed))
+    x = awkward_values(shape, 0.01, seed=bits)
+    layout = _layout(shape, axis, block_size)[:5]
+    args = (scale.reshape(-1), zp.reshape(-1), bits, *layout, 2)
+    q = _core.quantize(x, *args)
+    np.testing.assert_array_equal(q, _core.quantize(x, *args, simd=False))
+    np.testing.assert_array_equal(_core.dequantize(q, *args).view(np.int32),
+                                  _core.dequantize(q, *args, simd=False).view(np.int32))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 5, 7, 12])
 def test_other_widths_follow_the_same_rules(bits):
     x = awkward_values((5, 40), 0.125, seed=bits)
