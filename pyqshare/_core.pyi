@@ -21,3 +21,81 @@ def buffers_equal(a: object, b: object) -> bool: ...
 def _set_hash_isa(name: str) -> str: ...
 def _hash_isa() -> str: ...
 def _hash_isas() -> list[str]: ...
+
+# --- quantization ---
+# Layout arguments: kind 0 per tensor, 1 per axis, 2 blocked; (outer, length, inner) is the C-order view
+# of the array around the quantization axis; block is the block length (kind 2).
+
+def scale_search(
+    w: npt.NDArray[np.float32],
+    bits: int,
+    symmetric: bool,
+    objective: int,
+    grid: int,
+    p: float,
+    kind: int,
+    outer: int,
+    length: int,
+    inner: int,
+    block: int,
+    sample_weight: npt.NDArray[np.float64] | None,
+    outer_off: npt.NDArray[np.int64] | None,
+    length_off: npt.NDArray[np.int64] | None,
+    inner_off: npt.NDArray[np.int64] | None,
+    num_threads: int,
+    refine: bool = True,
+    isa: int = -1,
+    reference: bool = False,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+    """Flat (scale, zero_point) per group; objective 0 mse, 1 lp, 2 minmax; isa -1 auto, 0 portable, 1 AVX2, 2 AVX-512."""
+
+def scale_search_reference(
+    w: npt.NDArray[np.float32],
+    bits: int,
+    symmetric: bool,
+    objective: int,
+    grid: int,
+    p: float,
+    kind: int,
+    outer: int,
+    length: int,
+    inner: int,
+    block: int,
+    sample_weight: npt.NDArray[np.float64] | None,
+    outer_off: npt.NDArray[np.int64] | None,
+    length_off: npt.NDArray[np.int64] | None,
+    inner_off: npt.NDArray[np.int64] | None,
+    num_threads: int,
+    refine: bool = True,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+    """Scalar brute force over every candidate: the specification scale_search reproduces bit for bit."""
+
+def quantize(
+    x: npt.NDArray[np.float32],
+    scale: npt.NDArray[np.float32],
+    zero_point: npt.NDArray[np.int8 | np.uint8 | np.int16 | np.uint16],
+    bits: int,
+    kind: int,
+    outer: int,
+    length: int,
+    inner: int,
+    block: int,
+    num_threads: int,
+    simd: bool = True,
+) -> npt.NDArray[np.int8 | np.uint8 | np.int16 | np.uint16]:
+    """ONNX QuantizeLinear; codes take zero_point's dtype and x's shape; simd=False: portable loop."""
+
+def dequantize(
+    q: npt.NDArray[np.int8 | np.uint8 | np.int16 | np.uint16],
+    scale: npt.NDArray[np.float32],
+    zero_point: npt.NDArray[np.int8 | np.uint8 | np.int16 | np.uint16],
+    bits: int,
+    kind: int,
+    outer: int,
+    length: int,
+    inner: int,
+    block: int,
+    num_threads: int,
+    simd: bool = True,
+) -> npt.NDArray[np.float32]:
+    """ONNX DequantizeLinear; float32 with q's shape; simd=False: portable loop."""

@@ -1,0 +1,830 @@
+// Scale search for ONNX QuantizeLinear: per group (tensor, channel or block) pick, among `grid` clipping
+// candidates, the (scale, zero_point) whose quantize -> dequantize error is smallest, then try the
+// closed-form least-squares scale for the winner's codes.
+//
+// Definitions (the Python docstring and the tests' numpy reference follow them exactly):
+//   candidate i in [0, grid): r = (grid - i) / grid (float64)
+//     symmetric:  M = max|x|, scale = f32(r * M / (2^(b-1) - 1)), zero_point = 0, codes [-2^(b-1), 2^(b-1)-1]
+//     asymmetric: lo = min(min x, 0), hi = max(max x, 0), scale = f32((r*hi - r*lo) / (2^b - 1)),
+//                 zero_point = clamp(rint(-(r*lo) / scale), 0, 2^b - 1), codes [0, 2^b - 1]
+//     a scale below the smallest normal float32 is raised to it; a group with M == 0 (or lo == hi == 0)
+//     gets scale 1, zero_point 0 without a search.
+//   error of an element: d = f64(x) - f64(dequantize(quantize(x))) with the exact ONNX rules of
+//     quantize.hpp; mse: w * d * d, lp: w * |d|^p (w = sample weight, 1 without one).
+//   error of a candidate: element k accumulates into lane k mod 16 (mse: lane = fma(w*d, d, lane);
+//     lp: lane += w*|d|^p), then lanes are added as a fixed tree (reduce_lanes). Every implementation
+//     (scalar reference, portable, AVX2, AVX-512) produces these bits exactly.
+//   winner: the smallest (error, i) pair; "minmax" is candidate 0 without search or refinement.
+//   refinement: k = code - zero_point of the winner, s* = sum(w x k) / sum(w k k) (zero point kept);
+//     f32(s*) replaces the winner when its error is not larger.
+//
+// The fast search returns exactly the reference's answer: candidates are tried in the order of a cheap
+// estimate, and a candidate is dropped only when it is provably worse than the best so far: by an exact
+// lower bound from the largest elements (with a rounding margin), by a float32 screening pass whose
+// prefix sums bound the exact error from below (ScreenBound), or by early abandoning of the exact sum
+// (its partial sums can only grow).
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PYQSHARE_QUANT_X86 1
+#endif
+
+#include "parallel.hpp"
+#include "quantize.hpp"
+
+namespace pyqshare::quant {
+
+enum class Objective { kMse = 0, kLp = 1, kMinMax = 2 };
+enum class Isa { kAuto = -1, kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+struct SearchConfig {
+  int bits = 8;
+  bool symmetric = true;
+  Objective objective = Objective::kMse;
+  int grid = 100;
+  double p = 2.0;
+  bool refine = true;
+  bool squared() const { return objective != Objective::kLp || p == 2.0; }
+};
+
+// One (scale, zero point) and the clamp bounds of x / scale it implies: [qmin - zp, qmax - zp].
+struct Candidate {
+  float scale = 1.0f;
+  int32_t zero_point = 0;
+  float lo = 0.0f, hi = 0.0f;
+};
+
+struct GroupResult {
+  float scale = 1.0f;
+  int32_t zero_point = 0;
+};
+
+// The elements of one group in their defined order, as float32, float64 and optional weights.
+struct GroupData {
+  const float* x = nullptr;
+  const double* xd = nullptr;
+  const double* w = nullptr;  // nullptr: every weight is 1
+  std::size_t n = 0;
+};
+
+constexpr std::size_t kLanes = 16;
+constexpr std::size_t kCheckEvery = 256;  // elements between early-abandon checks (a multiple of kLanes)
+
+inline double reduce_lanes(const double* lane) {
+  double t[8], u[4];
+  for (int j = 0; j < 8; ++j) t[j] = lane[j] + lane[j + 8];
+  for (int j = 0; j < 4; ++j) u[j] = t[j] + t[j + 4];
+  const double v0 = u[0] + u[2], v1 = u[1] + u[3];
+  return v0 + v1;
+}
+
+// Clipping ratio of candidate i: (grid - i) / grid in float64.
+inline double clip_ratio(const SearchConfig& cfg, int i) { return static_cast<double>(cfg.grid - i) / cfg.grid; }
+
+inline Candidate make_candidate(const SearchConfig& cfg, double xmin, double xmax, double r) {
+  const CodeRange range = code_range(cfg.bits, cfg.symmetric);
+  Candidate c;
+  if (cfg.symmetric) {
+    const double m = std::max(std::fabs(xmin), std::fabs(xmax));
+    c.scale = std::max(static_cast<float>(r * m / range.qmax), FLT_MIN);
+    c.zero_point = 0;
+  } else {
+    const double lo = r * std::min(xmin, 0.0), hi = r * std::max(xmax, 0.0);
+    c.scale = std::max(static_cast<float>((hi - lo) / range.qmax), FLT_MIN);
+    const double zp = std::nearbyint(-lo / static_cast<double>(c.scale));
+    c.zero_point = static_cast<int32_t>(std::min<double>(std::max(zp, 0.0), range.qmax));
+  }
+  c.lo = static_cast<float>(range.qmin - c.zero_point);
+  c.hi = static_cast<float>(range.qmax - c.zero_point);
+  return c;
+}
+
+inline Candidate with_scale(Candidate c, float scale) {
+  c.scale = scale;
+  return c;
+}
+
+// x / scale clamped and rounded: the code minus the zero point, as quantize() computes it.
+inline float offset_code(float x, const Candidate& c) {
+  const float t = std::min(std::max(x / c.scale, c.lo), c.hi);
+  return round_half_even_small(t);
+}
+
+inline double element_diff(float x, const Candidate& c) {
+  const float deq = offset_code(x, c) * c.scale;
+  return static_cast<double>(x) - static_cast<double>(deq);
+}
+
+struct EvalResult {
+  double error;
+  bool complete;  // false: abandoned, the error is known to lose against the bound
+};
+
+// Abandon when the partial sum proves the final error loses: it exceeds `bound`, or equals it while a
+// tie loses (`ties_lose`: the candidate's index is larger than the best one's).
+inline bool loses(double partial, double bound, bool ties_lose) {
+  return partial > bound || (ties_lose && partial >= bound);
+}
+
+// Scalar evaluation with the lane structure: the reference, the portable path and the lp path.
+inline EvalResult eval_scalar(const GroupData& g, const Candidate& c, double p, bool squared, double bound,
+                              bool ties_lose) {
+  double lane[kLanes] = {};
+  for (std::size_t k = 0; k < g.n; ++k) {
+    const double d = element_diff(g.x[k], c);
+    double& acc = lane[k % kLanes];
+    if (squared) {
+      acc = std::fma(g.w ? g.w[k] * d : d, d, acc);
+    } else {
+      const double e = std::pow(std::fabs(d), p);
+      acc += g.w ? g.w[k] * e : e;
+    }
+    if ((k + 1) % kCheckEvery == 0 && k + 1 < g.n && loses(reduce_lanes(lane), bound, ties_lose)) {
+      return {reduce_lanes(lane), false};
+    }
+  }
+  return {reduce_lanes(lane), true};
+}
+
+#ifdef PYQSHARE_QUANT_X86
+// The SIMD kernels replace x / scale by f32(f64(x) * f64(1 / scale)): for float32 x and scale this is
+// the correctly rounded float32 quotient (the exact quotient is never within 2^-49 relative of a float32
+// rounding boundary, and the float64 product is within 2^-52 of it), and it is several times cheaper
+// than a float32 division. Lambdas are avoided: they do not inherit the target attribute.
+#define PYQSHARE_AVX2 __attribute__((target("avx2,fma")))
+#define PYQSHARE_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
+
+PYQSHARE_AVX2 inline double lanes_sum_avx2(const __m256d* acc) {
+  alignas(32) double lane[kLanes];
+  for (int j = 0; j < 4; ++j) _mm256_store_pd(lane + 4 * j, acc[j]);
+  return reduce_lanes(lane);
+}
+
+// x / scale clamped and rounded, for four elements given as float64.
+PYQSHARE_AVX2 inline __m128 offset_code_avx2(__m256d xv, __m256d inv, __m128 lo, __m128 hi) {
+  const __m128 t = _mm_min_ps(_mm_max_ps(_mm256_cvtpd_ps(_mm256_mul_pd(xv, inv)), lo), hi);
+  return _mm_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// Four elements into one lane vector.
+PYQSHARE_AVX2 inline __m256d mse_step_avx2(const double* xd, const double* w, __m256d inv, __m128 scale,
+                                           __m128 lo, __m128 hi, __m256d acc) {
+  const __m256d xv = _mm256_loadu_pd(xd);
+  const __m128 deq = _mm_mul_ps(offset_code_avx2(xv, inv, lo, hi), scale);
+  const __m256d d = _mm256_sub_pd(xv, _mm256_cvtps_pd(deq));
+  return _mm256_fmadd_pd(w ? _mm256_mul_pd(_mm256_loadu_pd(w), d) : d, d, acc);
+}
+
+PYQSHARE_AVX2 inline EvalResult eval_mse_avx2(const GroupData& g, const Candidate& c, double bound, bool ties_lose) {
+  const __m256d inv = _mm256_set1_pd(1.0 / static_cast<double>(c.scale));
+  const __m128 scale = _mm_set1_ps(c.scale), lo = _mm_set1_ps(c.lo), hi = _mm_set1_ps(c.hi);
+  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  const std::size_t n16 = g.n - g.n % kLanes;
+  std::size_t k = 0;
+  while (k < n16) {
+    const std::size_t stop = std::min(n16, k + kCheckEvery);
+    for (; k < stop; k += kLanes) {
+      for (int j = 0; j < 4; ++j) {
+        acc[j] = mse_step_avx2(g.xd + k + 4 * j, g.w ? g.w + k + 4 * j : nullptr, inv, scale, lo, hi, acc[j]);
+      }
+    }
+    if (k < g.n) {
+      const double partial = lanes_sum_avx2(acc);
+      if (loses(partial, bound, ties_lose)) return {partial, false};
+    }
+  }
+  if (k < g.n) {
+    // The tail goes through zero-padded copies: padding contributes exactly +0 to its lanes.
+    alignas(32) double xdt[kLanes] = {}, wt[kLanes] = {};
+    for (std::size_t j = 0; k + j < g.n; ++j) {
+      xdt[j] = g.xd[k + j];
+      if (g.w) wt[j] = g.w[k + j];
+    }
+    for (int j = 0; j < 4; ++j) {
+      acc[j] = mse_step_avx2(xdt + 4 * j, g.w ? wt + 4 * j : nullptr, inv, scale, lo, hi, acc[j]);
+    }
+  }
+  return {lanes_sum_avx2(acc), true};
+}
+
+PYQSHARE_AVX512 inline double lanes_sum_avx512(__m512d acc0, __m512d acc1) {
+  alignas(64) double lane[kLanes];
+  _mm512_store_pd(lane, acc0);
+  _mm512_store_pd(lane + 8, acc1);
+  return reduce_lanes(lane);
+}
+
+PYQSHARE_AVX512 inline __m256 offset_code_avx512(__m512d xv, __m512d inv, __m256 lo, __m256 hi) {
+  const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm512_cvtpd_ps(_mm512_mul_pd(xv, inv)), lo), hi);
+  return _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// Eight elements (those in mask m) into one lane vector.
+PYQSHARE_AVX512 inline __m512d mse_step_avx512(const double* xd, const double* w, __mmask8 m, __m512d inv,
+                                               __m256 scale, __m256 lo, __m256 hi, __m512d acc) {
+  const __m512d xv = _mm512_maskz_loadu_pd(m, xd);
+  const __m256 deq = _mm256_mul_ps(offset_code_avx512(xv, inv, lo, hi), scale);
+  const __m512d d = _mm512_sub_pd(xv, _mm512_cvtps_pd(deq));
+  return _mm512_fmadd_pd(w ? _mm512_mul_pd(_mm512_maskz_loadu_pd(m, w), d) : d, d, acc);
+}
+
+PYQSHARE_AVX512 inline EvalResult eval_mse_avx512(const GroupData& g, const Candidate& c, double bound,
+                                                  bool ties_lose) {
+  const __m512d inv = _mm512_set1_pd(1.0 / static_cast<double>(c.scale));
+  const __m256 scale = _mm256_set1_ps(c.scale), lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+  const std::size_t n16 = g.n - g.n % kLanes;
+  std::size_t k = 0;
+  while (k < n16) {
+    const std::size_t stop = std::min(n16, k + kCheckEvery);
+    for (; k < stop; k += kLanes) {
+      acc0 = mse_step_avx512(g.xd + k, g.w ? g.w + k : nullptr, 0xFF, inv, scale, lo, hi, acc0);
+      acc1 = mse_step_avx512(g.xd + k + 8, g.w ? g.w + k + 8 : nullptr, 0xFF, inv, scale, lo, hi, acc1);
+    }
+    if (k < g.n) {
+      const double partial = lanes_sum_avx512(acc0, acc1);
+      if (loses(partial, bound, ties_lose)) return {partial, false};
+    }
+  }
+  if (k < g.n) {
+    const unsigned rest = static_cast<unsigned>(g.n - k);
+    const __mmask8 m0 = static_cast<__mmask8>(rest >= 8 ? 0xFF : (1u << rest) - 1);
+    const __mmask8 m1 = static_cast<__mmask8>(rest > 8 ? (1u << (rest - 8)) - 1 : 0);
+    acc0 = mse_step_avx512(g.xd + k, g.w ? g.w + k : nullptr, m0, inv, scale, lo, hi, acc0);
+    acc1 = mse_step_avx512(g.xd + k + 8, g.w ? g.w + k + 8 : nullptr, m1, inv, scale, lo, hi, acc1);
+  }
+  return {lanes_sum_avx512(acc0, acc1), true};
+}
+
+// Lane sums of w*q*x and w*q*q for the refinement (q: offset codes), as refine_sums_scalar defines them.
+PYQSHARE_AVX512 inline void refine_sums_avx512(const GroupData& g, const Candidate& c, double& num, double& den) {
+  const __m512d inv = _mm512_set1_pd(1.0 / static_cast<double>(c.scale));
+  const __m256 lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
+  __m512d n0 = _mm512_setzero_pd(), n1 = n0, d0 = n0, d1 = n0;
+  for (std::size_t k = 0; k < g.n; k += kLanes) {
+    const unsigned rest = static_cast<unsigned>(std::min<std::size_t>(g.n - k, kLanes));
+    const __mmask8 m0 = static_cast<__mmask8>(rest >= 8 ? 0xFF : (1u << rest) - 1);
+    const __mmask8 m1 = static_cast<__mmask8>(rest > 8 ? (rest == 16 ? 0xFF : (1u << (rest - 8)) - 1) : 0);
+    const __m512d x0 = _mm512_maskz_loadu_pd(m0, g.xd + k), x1 = _mm512_maskz_loadu_pd(m1, g.xd + k + 8);
+    const __m512d q0 = _mm512_cvtps_pd(offset_code_avx512(x0, inv, lo, hi));
+    const __m512d q1 = _mm512_cvtps_pd(offset_code_avx512(x1, inv, lo, hi));
+    const __m512d wq0 = g.w ? _mm512_mul_pd(_mm512_maskz_loadu_pd(m0, g.w + k), q0) : q0;
+    const __m512d wq1 = g.w ? _mm512_mul_pd(_mm512_maskz_loadu_pd(m1, g.w + k + 8), q1) : q1;
+    n0 = _mm512_fmadd_pd(wq0, x0, n0);
+    n1 = _mm512_fmadd_pd(wq1, x1, n1);
+    d0 = _mm512_fmadd_pd(wq0, q0, d0);
+    d1 = _mm512_fmadd_pd(wq1, q1, d1);
+  }
+  num = lanes_sum_avx512(n0, n1);
+  den = lanes_sum_avx512(d0, d1);
+}
+
+// Screening: a float32 version of the mse sum (x * (1/scale) in float32, fused x - q*scale, float32
+// lanes) that is 3-5x cheaper than the exact sum. It only decides abandonment: it returns true once its
+// prefix sum exceeds `threshold`, which ScreenBound sets so that this proves the exact error exceeds the
+// best one (see ScreenBound). A candidate that survives screening is then evaluated exactly.
+PYQSHARE_AVX512 inline bool screen_mse_avx512(const GroupData& g, const float* w32, const Candidate& c,
+                                              double threshold) {
+  const __m512 inv = _mm512_set1_ps(1.0f / c.scale), scale = _mm512_set1_ps(c.scale);
+  const __m512 lo = _mm512_set1_ps(c.lo), hi = _mm512_set1_ps(c.hi);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  std::size_t k = 0;
+  while (k < g.n) {
+    const std::size_t stop = std::min(g.n, k + kCheckEvery);
+    for (; k < stop; k += 32) {
+      const unsigned rest = static_cast<unsigned>(std::min<std::size_t>(stop - k, 32));
+      const __mmask16 m0 = static_cast<__mmask16>(rest >= 16 ? 0xFFFF : (1u << rest) - 1);
+      const __mmask16 m1 = static_cast<__mmask16>(rest > 16 ? (rest == 32 ? 0xFFFF : (1u << (rest - 16)) - 1) : 0);
+      const __m512 x0 = _mm512_maskz_loadu_ps(m0, g.x + k), x1 = _mm512_maskz_loadu_ps(m1, g.x + k + 16);
+      const __m512 q0 = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x0, inv), lo), hi),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 q1 = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x1, inv), lo), hi),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 d0 = _mm512_fnmadd_ps(q0, scale, x0), d1 = _mm512_fnmadd_ps(q1, scale, x1);
+      if (w32) {
+        acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m0, w32 + k), d0), d0, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m1, w32 + k + 16), d1), d1, acc1);
+      } else {
+        acc0 = _mm512_fmadd_ps(d0, d0, acc0);
+        acc1 = _mm512_fmadd_ps(d1, d1, acc1);
+      }
+    }
+    if (static_cast<double>(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))) > threshold) return true;
+  }
+  return false;
+}
+
+PYQSHARE_AVX2 inline bool screen_mse_avx2(const GroupData& g, const float* w32, const Candidate& c,
+                                          double threshold) {
+  const __m256 inv = _mm256_set1_ps(1.0f / c.scale), scale = _mm256_set1_ps(c.scale);
+  const __m256 lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
+  __m256 acc = _mm256_setzero_ps();
+  std::size_t k = 0;
+  while (k < g.n) {
+    const std::size_t stop = std::min(g.n, k + kCheckEvery);
+    for (; k + 8 <= stop; k += 8) {
+      const __m256 x = _mm256_loadu_ps(g.x + k);
+      const __m256 q = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), lo), hi),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 d = _mm256_fnmadd_ps(q, scale, x);
+      acc = _mm256_fmadd_ps(w32 ? _mm256_mul_ps(_mm256_loadu_ps(w32 + k), d) : d, d, acc);
+    }
+    alignas(32) float lane[8];
+    _mm256_store_ps(lane, acc);
+    float partial = 0.0f;
+    for (float v : lane) partial += v;
+    for (; k < stop; ++k) {  // at most 7 elements, only at the very end
+      const float q = std::nearbyint(std::min(std::max(g.x[k] * (1.0f / c.scale), c.lo), c.hi));
+      const float d = std::fma(-q, c.scale, g.x[k]);
+      partial = std::fma(w32 ? w32[k] * d : d, d, partial);
+    }
+    if (static_cast<double>(partial) > threshold) return true;
+  }
+  return false;
+}
+
+PYQSHARE_AVX2 inline __m256 screen_term_avx2(__m256 x, __m256 inv, __m256 lo, __m256 hi, __m256 scale) {
+  const __m256 q = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), lo), hi),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_fnmadd_ps(q, scale, x);
+}
+
+// Screening of eight candidates at once (one per lane) over a whole small group: out[j] is the float32
+// screening sum of candidate j, bounded as in ScreenBound. Small groups (blocks) have too few elements
+// for per-candidate pruning to pay off; this evaluates every candidate cheaply instead.
+PYQSHARE_AVX2 inline void screen_candidates_avx2(const GroupData& g, const float* w32, const Candidate* cand,
+                                                 int n_cand, float* out) {
+  for (int c0 = 0; c0 < n_cand; c0 += 8) {
+    alignas(32) float inv_l[8], scale_l[8], lo_l[8], hi_l[8];
+    for (int j = 0; j < 8; ++j) {
+      const Candidate& c = cand[std::min(c0 + j, n_cand - 1)];
+      inv_l[j] = 1.0f / c.scale;
+      scale_l[j] = c.scale;
+      lo_l[j] = c.lo;
+      hi_l[j] = c.hi;
+    }
+    const __m256 inv = _mm256_load_ps(inv_l), scale = _mm256_load_ps(scale_l);
+    const __m256 lo = _mm256_load_ps(lo_l), hi = _mm256_load_ps(hi_l);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    std::size_t k = 0;
+    for (; k + 2 <= g.n; k += 2) {
+      const __m256 d0 = screen_term_avx2(_mm256_set1_ps(g.x[k]), inv, lo, hi, scale);
+      const __m256 d1 = screen_term_avx2(_mm256_set1_ps(g.x[k + 1]), inv, lo, hi, scale);
+      acc0 = _mm256_fmadd_ps(w32 ? _mm256_mul_ps(_mm256_set1_ps(w32[k]), d0) : d0, d0, acc0);
+      acc1 = _mm256_fmadd_ps(w32 ? _mm256_mul_ps(_mm256_set1_ps(w32[k + 1]), d1) : d1, d1, acc1);
+    }
+    if (k < g.n) {
+      const __m256 d0 = screen_term_avx2(_mm256_set1_ps(g.x[k]), inv, lo, hi, scale);
+      acc0 = _mm256_fmadd_ps(w32 ? _mm256_mul_ps(_mm256_set1_ps(w32[k]), d0) : d0, d0, acc0);
+    }
+    alignas(32) float sum[8];
+    _mm256_store_ps(sum, _mm256_add_ps(acc0, acc1));
+    for (int j = 0; j < 8 && c0 + j < n_cand; ++j) out[c0 + j] = sum[j];
+  }
+}
+
+// Minimum, maximum and finiteness of x, and x widened to float64.
+PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, double* xd, float& lo_out, float& hi_out,
+                                       double& sum_sq) {
+  __m256 lo = _mm256_set1_ps(x[0]), hi = lo, bad = _mm256_setzero_ps();
+  __m256d sq = _mm256_setzero_pd();
+  std::size_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    lo = _mm256_min_ps(lo, v);
+    hi = _mm256_max_ps(hi, v);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    const __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    _mm256_storeu_pd(xd + k, v0);
+    _mm256_storeu_pd(xd + k + 4, v1);
+    sq = _mm256_fmadd_pd(v0, v0, _mm256_fmadd_pd(v1, v1, sq));
+  }
+  alignas(32) double sq_lane[4];
+  _mm256_store_pd(sq_lane, sq);
+  sum_sq = (sq_lane[0] + sq_lane[1]) + (sq_lane[2] + sq_lane[3]);
+  alignas(32) float l[8], h[8];
+  _mm256_store_ps(l, lo);
+  _mm256_store_ps(h, hi);
+  bool finite = _mm256_movemask_ps(bad) == 0;
+  for (int j = 0; j < 8; ++j) {
+    lo_out = std::min(lo_out, l[j]);
+    hi_out = std::max(hi_out, h[j]);
+  }
+  for (; k < n; ++k) {
+    finite &= std::isfinite(x[k]);
+    lo_out = std::min(lo_out, x[k]);
+    hi_out = std::max(hi_out, x[k]);
+    xd[k] = x[k];
+    sum_sq += xd[k] * xd[k];
+  }
+  return finite;
+}
+#endif
+
+inline bool screen_mse(const GroupData& g, const float* w32, const Candidate& c, double threshold, Isa isa) {
+#ifdef PYQSHARE_QUANT_X86
+  if (isa == Isa::kAvx512) return screen_mse_avx512(g, w32, c, threshold);
+  if (isa == Isa::kAvx2) return screen_mse_avx2(g, w32, c, threshold);
+#endif
+  return false;
+}
+
+inline Isa detect_isa() {
+#ifdef PYQSHARE_QUANT_X86
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kPortable;
+}
+
+// The best available instruction set no better than `requested` (kAuto: the best this CPU has).
+inline Isa resolve_isa(Isa requested) {
+  const Isa best = detect_isa();
+  if (requested == Isa::kAuto) return best;
+  return static_cast<int>(requested) <= static_cast<int>(best) ? requested : best;
+}
+
+inline EvalResult evaluate(const GroupData& g, const Candidate& c, const SearchConfig& cfg, Isa isa,
+                           double bound = std::numeric_limits<double>::infinity(), bool ties_lose = false) {
+  if (cfg.squared()) {
+#ifdef PYQSHARE_QUANT_X86
+    if (isa == Isa::kAvx512) return eval_mse_avx512(g, c, bound, ties_lose);
+    if (isa == Isa::kAvx2) return eval_mse_avx2(g, c, bound, ties_lose);
+#endif
+  }
+  return eval_scalar(g, c, cfg.p, cfg.squared(), bound, ties_lose);
+}
+
+// sum(w q x) and sum(w q q) over the offset codes q, with the lane structure of the error sums.
+inline void refine_sums_scalar(const GroupData& g, const Candidate& c, double& num, double& den) {
+  double num_lane[kLanes] = {}, den_lane[kLanes] = {};
+  for (std::size_t k = 0; k < g.n; ++k) {
+    const double q = offset_code(g.x[k], c);
+    const double wq = g.w ? g.w[k] * q : q;
+    num_lane[k % kLanes] = std::fma(wq, g.xd[k], num_lane[k % kLanes]);
+    den_lane[k % kLanes] = std::fma(wq, q, den_lane[k % kLanes]);
+  }
+  num = reduce_lanes(num_lane);
+  den = reduce_lanes(den_lane);
+}
+
+// Least-squares scale for the winner's codes with its zero point kept; replaces it when not worse.
+inline Candidate refine(const GroupData& g, const Candidate& best, double best_error, const SearchConfig& cfg,
+                        Isa isa) {
+  double num = 0.0, den = 0.0;
+#ifdef PYQSHARE_QUANT_X86
+  if (isa == Isa::kAvx512) {
+    refine_sums_avx512(g, best, num, den);
+  } else {
+    refine_sums_scalar(g, best, num, den);
+  }
+#else
+  refine_sums_scalar(g, best, num, den);
+#endif
+  if (!(den > 0.0)) return best;
+  const double s = num / den;
+  if (!(s > 0.0) || !std::isfinite(s)) return best;
+  const float scale = std::max(static_cast<float>(std::min(s, static_cast<double>(FLT_MAX))), FLT_MIN);
+  if (scale == best.scale) return best;
+  const Candidate c = with_scale(best, scale);
+  const EvalResult r = evaluate(g, c, cfg, isa, best_error, false);
+  return (r.complete && r.error <= best_error) ? c : best;
+}
+
+struct GroupStats {
+  double xmin = 0.0, xmax = 0.0, weight_sum = 0.0;
+  double weighted_x2 = 0.0;  // sum(w x^2), filled only where screening may run
+};
+
+// When a screening prefix sum P proves a candidate's exact error E exceeds the best error B.
+// Screening's d' differs from the exact d by at most a rounding of the quotient near a half-integer
+// (|d'| <= |d| + 2^-21 |x|) and float32 roundings (relative 2^-23 each), so per element
+// |d'| <= (1 + 2^-22)(|d| + 2^-19 (|x| + s)); by the triangle inequality in the weighted 2-norm
+// sqrt(sum w d'^2) <= (1 + 2^-22)(sqrt(E) + 2^-19 (sqrt(sum w x^2) + s sqrt(sum w))), and the float32
+// prefix sum is at most (1 + gamma) times its exact value: gamma = (n / 2 + 64) 2^-23 covers every
+// kernel's float32 accumulation (at most n / 2 terms per lane, then a short reduction).
+// Hence P > (1 + gamma) (1 + 2^-22)^2 (sqrt(B (1 + 1e-9)) + slack)^2 implies E > B.
+// Float32 must not overflow: screening runs only for |x| <= 1e15 and n <= 65536.
+struct ScreenBound {
+  bool enabled = false;
+  double xnorm = 0.0, wroot = 0.0, gamma = 0.0;
+  double threshold(double best_error, float scale) const {
+    const double slack = 0x1p-19 * (1.0 + 1e-9) * (xnorm + static_cast<double>(scale) * wroot);
+    const double root = std::sqrt(best_error * (1.0 + 1e-9)) + slack;
+    return (1.0 + gamma) * (1.0 + 0x1p-20) * root * root;
+  }
+};
+
+inline bool degenerate(const GroupStats& s) { return s.xmin == 0.0 && s.xmax == 0.0; }
+
+// Brute force over every candidate: the specification the fast search must reproduce bit for bit.
+inline GroupResult search_group_reference(const GroupData& g, const GroupStats& st, const SearchConfig& cfg) {
+  if (degenerate(st)) return {};
+  Candidate best = make_candidate(cfg, st.xmin, st.xmax, clip_ratio(cfg, 0));
+  if (cfg.objective == Objective::kMinMax) return {best.scale, best.zero_point};
+  double best_error = eval_scalar(g, best, cfg.p, cfg.squared(), HUGE_VAL, false).error;
+  for (int i = 1; i < cfg.grid; ++i) {
+    const Candidate c = make_candidate(cfg, st.xmin, st.xmax, clip_ratio(cfg, i));
+    const double e = eval_scalar(g, c, cfg.p, cfg.squared(), HUGE_VAL, false).error;
+    if (e < best_error) {
+      best = c;
+      best_error = e;
+    }
+  }
+  if (cfg.refine) best = refine(g, best, best_error, cfg, Isa::kPortable);
+  return {best.scale, best.zero_point};
+}
+
+// Per-task scratch reused across the groups of a task (no allocation per group once grown).
+struct SearchScratch {
+  std::vector<Candidate> cand;
+  std::vector<float> w32_buf;
+  const float* w32 = nullptr;  // float32 weights for screening (nullptr: unweighted)
+  std::vector<double> bound, estimate, ratio;
+  std::vector<float> screen_sum;
+  std::vector<int> order;
+  std::vector<std::size_t> top;
+  float top_x[kLanes];
+  double top_xd[kLanes], top_w[kLanes];
+};
+
+#ifdef PYQSHARE_QUANT_X86
+// Appends the indices k with |x[k]| >= threshold (few: the scan is a vector compare per 8 elements).
+PYQSHARE_AVX2 inline void indices_at_least_avx2(const float* x, std::size_t n, float threshold,
+                                                std::vector<std::size_t>& out) {
+  const __m256 t = _mm256_set1_ps(threshold), sign = _mm256_set1_ps(-0.0f);
+  std::size_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    unsigned mask = static_cast<unsigned>(
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)), t, _CMP_GE_OQ)));
+    while (mask) {
+      out.push_back(k + static_cast<std::size_t>(__builtin_ctz(mask)));
+      mask &= mask - 1;
+    }
+  }
+  for (; k < n; ++k) {
+    if (std::fabs(x[k]) >= threshold) out.push_back(k);
+  }
+}
+#endif
+
+// Indices of up to kLanes largest |x| (any subset of elements gives a valid lower bound).
+inline void largest_elements(const GroupData& g, double m, Isa isa, std::vector<std::size_t>& top) {
+  top.clear();
+  const float threshold = static_cast<float>(0.5 * m);
+#ifdef PYQSHARE_QUANT_X86
+  if (isa != Isa::kPortable) {
+    indices_at_least_avx2(g.x, g.n, threshold, top);
+  } else
+#endif
+  {
+    for (std::size_t k = 0; k < g.n; ++k) {
+      if (std::fabs(g.x[k]) >= threshold) top.push_back(k);
+    }
+  }
+  if (top.size() > kLanes) {
+    std::nth_element(top.begin(), top.begin() + kLanes, top.end(), [&](std::size_t a, std::size_t b) {
+      const float fa = std::fabs(g.x[a]), fb = std::fabs(g.x[b]);
+      return fa > fb || (fa == fb && a < b);
+    });
+    top.resize(kLanes);
+  }
+}
+
+// Groups up to this size screen every candidate at once instead of pruning candidate by candidate.
+constexpr std::size_t kSmallGroup = 512;
+
+inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, const SearchConfig& cfg, Isa isa,
+                                     SearchScratch& sc) {
+  if (degenerate(st)) return {};
+  const int n_cand = cfg.objective == Objective::kMinMax ? 1 : cfg.grid;
+  sc.cand.resize(n_cand);
+  if (sc.ratio.size() != static_cast<std::size_t>(n_cand)) {
+    sc.ratio.resize(n_cand);
+    for (int i = 0; i < n_cand; ++i) sc.ratio[i] = clip_ratio(cfg, i);
+  }
+  for (int i = 0; i < n_cand; ++i) sc.cand[i] = make_candidate(cfg, st.xmin, st.xmax, sc.ratio[i]);
+  if (cfg.objective == Objective::kMinMax) return {sc.cand[0].scale, sc.cand[0].zero_point};
+
+  const double in_range_weight = g.w ? st.weight_sum : static_cast<double>(g.n);
+  ScreenBound screen;
+  screen.enabled = isa != Isa::kPortable && cfg.squared() && g.n <= 65536 && std::max(-st.xmin, st.xmax) <= 1e15;
+  sc.w32 = nullptr;
+  if (screen.enabled) {
+    double wx2 = st.weighted_x2;
+    if (g.w) {
+      sc.w32_buf.resize(g.n);
+      wx2 = 0.0;
+      for (std::size_t k = 0; k < g.n; ++k) {
+        sc.w32_buf[k] = static_cast<float>(g.w[k]);
+        wx2 += g.w[k] * g.xd[k] * g.xd[k];
+      }
+      sc.w32 = sc.w32_buf.data();
+    }
+    screen.xnorm = std::sqrt(wx2);
+    screen.wroot = std::sqrt(in_range_weight);
+    screen.gamma = (static_cast<double>(g.n) / 2.0 + 64.0) * 0x1p-23;
+  }
+
+  sc.bound.resize(n_cand);
+  sc.estimate.resize(n_cand);
+  sc.order.resize(n_cand);
+  std::iota(sc.order.begin(), sc.order.end(), 0);
+#ifdef PYQSHARE_QUANT_X86
+  if (screen.enabled && g.n <= kSmallGroup) {
+    // Screening sums of all candidates: their order is the evaluation order, and they prune below.
+    sc.screen_sum.resize(n_cand);
+    screen_candidates_avx2(g, sc.w32, sc.cand.data(), n_cand, sc.screen_sum.data());
+    for (int i = 0; i < n_cand; ++i) {
+      sc.estimate[i] = sc.screen_sum[i];
+      sc.bound[i] = 0.0;
+    }
+  } else
+#endif
+  {
+    // Lower bound of every candidate: its exact error on the largest elements alone. Summation order
+    // differs from the full sum, so a relative margin covers the rounding of both sums.
+    largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
+    GroupData top;
+    top.n = sc.top.size();
+    for (std::size_t j = 0; j < top.n; ++j) {
+      sc.top_x[j] = g.x[sc.top[j]];
+      sc.top_xd[j] = g.xd[sc.top[j]];
+      sc.top_w[j] = g.w ? g.w[sc.top[j]] : 1.0;
+    }
+    top.x = sc.top_x;
+    top.xd = sc.top_xd;
+    top.w = g.w ? sc.top_w : nullptr;
+    const double margin = 1.0 - (1e-9 + 4.0 * static_cast<double>(g.n) * DBL_EPSILON);
+    // Expected rounding error of one in-range element with unit weight: E|U|^p, U uniform in +-scale/2.
+    const double p = cfg.squared() ? 2.0 : cfg.p;
+    for (int i = 0; i < n_cand; ++i) {
+      sc.bound[i] = top.n ? evaluate(top, sc.cand[i], cfg, isa).error * margin : 0.0;
+      const double half = 0.5 * sc.cand[i].scale;
+      sc.estimate[i] = sc.bound[i] + in_range_weight * (p == 2.0 ? half * half : std::pow(half, p)) / (p + 1.0);
+    }
+  }
+  const bool screened_all = screen.enabled && g.n <= kSmallGroup;
+  if (screened_all) {
+    // The most promising candidate first, the others in index order: they are mostly pruned anyway.
+    const auto first = std::min_element(sc.estimate.begin(), sc.estimate.end()) - sc.estimate.begin();
+    std::rotate(sc.order.begin(), sc.order.begin() + first, sc.order.begin() + first + 1);
+  } else {
+    std::sort(sc.order.begin(), sc.order.end(), [&](int a, int b) {
+      return sc.estimate[a] < sc.estimate[b] || (sc.estimate[a] == sc.estimate[b] && a < b);
+    });
+  }
+
+  int best = n_cand;  // none yet
+  double best_error = HUGE_VAL;
+  for (int i : sc.order) {
+    if (best < n_cand) {
+      if (sc.bound[i] > best_error) continue;
+      if (screened_all) {
+        if (sc.screen_sum[i] > screen.threshold(best_error, sc.cand[i].scale)) continue;
+      } else if (screen.enabled &&
+                 screen_mse(g, sc.w32, sc.cand[i], screen.threshold(best_error, sc.cand[i].scale), isa)) {
+        continue;
+      }
+    }
+    const bool ties_lose = i > best;
+    const EvalResult r = evaluate(g, sc.cand[i], cfg, isa, best_error, ties_lose);
+    if (!r.complete) continue;
+    if (best == n_cand || r.error < best_error || (r.error == best_error && i < best)) {
+      best = i;
+      best_error = r.error;
+    }
+  }
+  Candidate winner = sc.cand[best];
+  if (cfg.refine) winner = refine(g, winner, best_error, cfg, isa);
+  return {winner.scale, winner.zero_point};
+}
+
+// Which elements form a group: every (o, l, i) with o in [o0, o1), l in [l0, l1), i in [i0, i1), in C order.
+struct GroupBox {
+  std::size_t o0, o1, l0, l1, i0, i1;
+  std::size_t size() const { return (o1 - o0) * (l1 - l0) * (i1 - i0); }
+};
+
+inline std::size_t n_groups(const ScaleLayout& lay) { return lay.n_params(); }
+
+inline GroupBox group_box(const ScaleLayout& lay, std::size_t gi) {
+  switch (lay.kind) {
+    case ScaleLayout::kPerTensor: return {0, lay.outer, 0, lay.length, 0, lay.inner};
+    case ScaleLayout::kPerAxis: return {0, lay.outer, gi, gi + 1, 0, lay.inner};
+    default: {
+      const std::size_t i = gi % lay.inner, rest = gi / lay.inner;
+      const std::size_t j = rest % lay.n_blocks(), o = rest / lay.n_blocks();
+      return {o, o + 1, j * lay.block, std::min(lay.length, (j + 1) * lay.block), i, i + 1};
+    }
+  }
+}
+
+// Sample weights broadcast to w without copying: the weight of (o, l, i) is
+// w[outer_off[o] + length_off[l] + inner_off[i]]; all three tables null means w has w's own shape.
+struct SampleWeights {
+  const double* w = nullptr;
+  const int64_t* outer_off = nullptr;
+  const int64_t* length_off = nullptr;
+  const int64_t* inner_off = nullptr;
+};
+
+// Copies one group into the scratch buffers (x only when it is not contiguous) and checks finiteness.
+struct GroupBuffers {
+  std::vector<float> x;
+  std::vector<double> xd, w;
+};
+
+inline GroupData gather_group(const float* x, const SampleWeights& sw, const ScaleLayout& lay,
+                              const GroupBox& b, GroupBuffers& buf, GroupStats& st, std::size_t gi, Isa isa) {
+  const std::size_t n = b.size();
+  const std::size_t row_len = lay.inner;
+  const bool contiguous = (b.i1 - b.i0 == lay.inner || (b.l1 - b.l0 == 1 && b.o1 - b.o0 == 1)) &&
+                          (b.l1 - b.l0 == lay.length || b.o1 - b.o0 == 1);
+  buf.xd.resize(n);
+  if (!contiguous) buf.x.resize(n);
+  if (sw.w) buf.w.resize(n);
+  const float* base = x + (b.o0 * lay.length + b.l0) * row_len + b.i0;
+  std::size_t k = 0;
+  for (std::size_t o = b.o0; o < b.o1 && (!contiguous || sw.w); ++o) {
+    for (std::size_t l = b.l0; l < b.l1; ++l) {
+      const float* row = x + (o * lay.length + l) * row_len;
+      for (std::size_t i = b.i0; i < b.i1; ++i, ++k) {
+        if (!contiguous) buf.x[k] = row[i];
+        if (sw.w) {
+          buf.w[k] = sw.outer_off ? sw.w[sw.outer_off[o] + sw.length_off[l] + sw.inner_off[i]]
+                                  : sw.w[(o * lay.length + l) * row_len + i];
+        }
+      }
+    }
+  }
+  GroupData g;
+  g.x = contiguous ? base : buf.x.data();
+  g.n = n;
+  float lo = 0.0f, hi = 0.0f;
+  bool finite = true;
+  double wsum = 0.0;
+  if (n) lo = hi = g.x[0];
+#ifdef PYQSHARE_QUANT_X86
+  if (n && isa != Isa::kPortable) {
+    finite = prepare_avx2(g.x, n, buf.xd.data(), lo, hi, st.weighted_x2);
+  } else
+#endif
+  {
+    for (std::size_t j = 0; j < n; ++j) {
+      const float v = g.x[j];
+      finite &= std::isfinite(v);
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+      buf.xd[j] = v;
+    }
+  }
+  if (!finite) {
+    throw std::invalid_argument("w must be finite: group " + std::to_string(gi) +
+                                " holds NaN or Inf (replace or mask them before the search)");
+  }
+  if (sw.w) {
+    for (std::size_t j = 0; j < n; ++j) wsum += buf.w[j];
+  }
+  st.xmin = lo;
+  st.xmax = hi;
+  st.weight_sum = wsum;
+  g.xd = buf.xd.data();
+  g.w = sw.w ? buf.w.data() : nullptr;
+  return g;
+}
+
+// Runs the search for every group; tasks are fixed runs of groups, so results never depend on threads.
+inline void scale_search(const float* x, const SampleWeights& sw, const ScaleLayout& lay, const SearchConfig& cfg,
+                         float* scale_out, int32_t* zero_point_out, int num_threads, bool reference, Isa isa) {
+  const std::size_t groups = n_groups(lay);
+  const std::size_t group_size = groups ? lay.size() / groups : 0;
+  const std::size_t per_task = std::max<std::size_t>(1, (std::size_t{1} << 14) / std::max<std::size_t>(group_size, 1));
+  const Isa use = resolve_isa(isa);
+  parallel_for(n_chunks(groups, per_task), num_threads, [&](std::size_t task) {
+    GroupBuffers buf;
+    SearchScratch sc;
+    const std::size_t g0 = task * per_task, g1 = std::min(groups, g0 + per_task);
+    for (std::size_t gi = g0; gi < g1; ++gi) {
+      GroupStats st;
+      const GroupData g = gather_group(x, sw, lay, group_box(lay, gi), buf, st, gi, reference ? Isa::kPortable : use);
+      const GroupResult r = reference ? search_group_reference(g, st, cfg) : search_group_fast(g, st, cfg, use, sc);
+      scale_out[gi] = r.scale;
+      zero_point_out[gi] = r.zero_point;
+    }
+  });
+}
+
+}  // namespace pyqshare::quant
