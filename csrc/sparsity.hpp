@@ -320,13 +320,27 @@ void nm_compress(const UW* w, const UK* keysrc, UW* values, uint8_t* indices, st
       const uint8_t* mq = mask.data() + (q - q0) * group;
       const UW* wq = w + q * group;
       UW* vq = values + q * kept;
-      for (std::size_t p = 0; p < inner; ++p) {
-        std::size_t k = p;
+      if (inner == 1 && m <= kSmallM) {
+        // Branch-free compaction (kept positions are unpredictable): write every element, advance on keep.
+        UW v[kSmallM];
+        uint16_t index[kSmallM];
+        std::size_t k = 0;
         for (int j = 0; j < m; ++j) {
-          if (mq[std::size_t(j) * inner + p]) {
-            vq[k] = wq[std::size_t(j) * inner + p];
-            slot[k] = uint16_t(j);
-            k += inner;
+          v[k] = wq[j];
+          index[k] = uint16_t(j);
+          k += mq[j];
+        }
+        std::copy(v, v + n, vq);
+        std::copy(index, index + n, slot.begin());
+      } else {
+        for (std::size_t p = 0; p < inner; ++p) {
+          std::size_t k = p;
+          for (int j = 0; j < m; ++j) {
+            if (mq[std::size_t(j) * inner + p]) {
+              vq[k] = wq[std::size_t(j) * inner + p];
+              slot[k] = uint16_t(j);
+              k += inner;
+            }
           }
         }
       }
@@ -353,16 +367,18 @@ void nm_decompress(const UW* values, const uint8_t* indices, UW* out, std::size_
       std::fill(previous.begin(), previous.end(), -1);
       UW* oq = out + q * group;
       const UW* vq = values + q * kept;
-      for (std::size_t e = 0; e < kept; ++e) {
-        const std::size_t p = e % inner;
-        // With b == 0 (m == 1) the only index is 0.
-        const int32_t j = b > 0 ? int32_t(bits.get(b)) : 0;
-        if (j <= previous[p] || j >= m) {
-          throw std::invalid_argument("nm_decompress: indices are not strictly increasing in-group indices < m "
-                                      "(pass the indices nm_compress returned, with the same n, m, shape and axis)");
+      for (int t = 0; t < n; ++t) {
+        for (std::size_t p = 0; p < inner; ++p) {
+          // With b == 0 (m == 1) the only index is 0.
+          const int32_t j = b > 0 ? int32_t(bits.get(b)) : 0;
+          if (j <= previous[p] || j >= m) {
+            throw std::invalid_argument(
+                "nm_decompress: indices are not strictly increasing in-group indices < m "
+                "(pass the indices nm_compress returned, with the same n, m, shape and axis)");
+          }
+          previous[p] = j;
+          oq[std::size_t(j) * inner + p] = vq[std::size_t(t) * inner + p];
         }
-        previous[p] = j;
-        oq[std::size_t(j) * inner + p] = vq[e];
       }
     }
   });
