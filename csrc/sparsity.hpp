@@ -330,17 +330,23 @@ void nm_compress(const UW* w, const UK* keysrc, UW* values, uint8_t* indices, st
           index[k] = uint16_t(j);
           k += mq[j];
         }
-        std::copy(v, v + n, vq);
-        std::copy(index, index + n, slot.begin());
-      } else {
-        for (std::size_t p = 0; p < inner; ++p) {
-          std::size_t k = p;
-          for (int j = 0; j < m; ++j) {
-            if (mq[std::size_t(j) * inner + p]) {
-              vq[k] = wq[std::size_t(j) * inner + p];
-              slot[k] = uint16_t(j);
-              k += inner;
-            }
+        for (int t = 0; t < n; ++t) vq[t] = v[t];  // n is small: no memmove call
+        if (n * b <= 32) {  // the whole group's indices in one write
+          uint32_t word = 0;
+          for (int t = 0; t < n; ++t) word |= uint32_t(index[t]) << (t * b);
+          bits.put(word, n * b);
+        } else {
+          for (int t = 0; t < n; ++t) bits.put(index[t], b);
+        }
+        continue;
+      }
+      for (std::size_t p = 0; p < inner; ++p) {
+        std::size_t k = p;
+        for (int j = 0; j < m; ++j) {
+          if (mq[std::size_t(j) * inner + p]) {
+            vq[k] = wq[std::size_t(j) * inner + p];
+            slot[k] = uint16_t(j);
+            k += inner;
           }
         }
       }
@@ -386,7 +392,7 @@ void nm_decompress(const UW* values, const uint8_t* indices, UW* out, std::size_
 
 // ---------------------------------------------------------------------------------------------------------
 // Magnitude mask: zero exactly k elements of each row: the k smallest keys, among equal keys the highest
-// indices first (so the lowest indices are kept).
+// indices first (so the lowest indices are kept). Keys here are unsigned_key values.
 
 template <class U>
 struct Threshold {
@@ -395,64 +401,89 @@ struct Threshold {
   std::size_t count_equal;
 };
 
-// Histograms of one 8-bit digit of unsigned keys over fixed chunks of [0, len), among keys matching
-// prefix on prefix_mask; summed in chunk order. Returns false if any value is NaN/Inf (checked on the first
-// pass, prefix_mask == 0).
-template <KeyKind K, class U>
-bool digit_histogram(const U* src, std::size_t len, U prefix, U prefix_mask, int shift, int num_threads,
-                     std::vector<uint32_t>& scratch, uint64_t hist[256]) {
-  const std::size_t tasks = std::max<std::size_t>(1, n_chunks(len, kChunkElems));
-  scratch.assign(tasks * 257, 0);
-  parallel_for(tasks, num_threads, [&](std::size_t t) {
-    const std::size_t lo = t * kChunkElems, hi = std::min(len, lo + kChunkElems);
-    uint32_t* h = scratch.data() + t * 257;
-    if (prefix_mask == 0) {
-      U worst = 0;
-      for (std::size_t i = lo; i < hi; ++i) {
-        worst = std::max(worst, magnitude_bits(src[i]));
-        ++h[(unsigned_key<K>(src[i]) >> shift) & 255u];
-      }
-      h[256] = worst >= Bits<U>::kExp;
-    } else {
-      for (std::size_t i = lo; i < hi; ++i) {
-        const U key = unsigned_key<K>(src[i]);
-        if ((key & prefix_mask) == prefix) ++h[(key >> shift) & 255u];
-      }
-    }
-  });
-  bool finite = true;
-  std::fill(hist, hist + 256, 0);
-  for (std::size_t t = 0; t < tasks; ++t) {
-    for (int d = 0; d < 256; ++d) hist[d] += scratch[t * 257 + d];
-    finite = finite && scratch[t * 257 + 256] == 0;
-  }
-  return finite;
-}
+// Reused buffers of one selection (one per task when rows are handed out whole).
+template <class U>
+struct SelectScratch {
+  std::vector<uint32_t> histograms;  // per chunk: one count per top digit, then a NaN/Inf flag
+  std::vector<std::size_t> offsets;
+  std::vector<U> candidates;
+};
 
-// The threshold dropping k of src[0, len) (0 < k < len): a most-significant-digit-first radix selection.
+// The threshold dropping k of src[0, len) (0 < k < len). A histogram of the top kTopBits of every key
+// (fixed chunks, summed in order) finds the bin holding the largest dropped key; the keys of that bin are
+// gathered and a selection among them gives the exact key.
 template <KeyKind K, class U>
 Threshold<U> select_threshold(const U* src, std::size_t len, std::size_t k, int num_threads,
-                              std::vector<uint32_t>& scratch, const char* name) {
-  U prefix = 0, prefix_mask = 0;
-  std::size_t rank = k - 1;  // 0-based rank of the largest dropped key among keys matching the prefix
-  std::size_t count_equal = 0;
-  uint64_t hist[256];
-  for (int shift = int(sizeof(U) * 8) - 8; shift >= 0; shift -= 8) {
-    if (!digit_histogram<K>(src, len, prefix, prefix_mask, shift, num_threads, scratch, hist)) throw not_finite(name);
-    int d = 0;
-    while (rank >= hist[d]) rank -= hist[d++];
-    prefix = U(prefix | (U(d) << shift));
-    prefix_mask = U(prefix_mask | (U(255) << shift));
-    count_equal = hist[d];
+                              SelectScratch<U>& s, const char* name) {
+  constexpr int kTopBits = 11;
+  constexpr int kShift = int(sizeof(U) * 8) - kTopBits;
+  constexpr std::size_t kBins = std::size_t(1) << kTopBits, kStride = kBins + 1;
+  const std::size_t tasks = n_chunks(len, kChunkElems);
+  s.histograms.assign(tasks * kStride, 0);
+  parallel_for(tasks, num_threads, [&](std::size_t t) {
+    const std::size_t lo = t * kChunkElems, hi = std::min(len, lo + kChunkElems);
+    uint32_t* h = s.histograms.data() + t * kStride;
+    U worst = 0;
+    for (std::size_t i = lo; i < hi; ++i) {
+      worst = std::max(worst, magnitude_bits(src[i]));
+      ++h[unsigned_key<K>(src[i]) >> kShift];
+    }
+    h[kBins] = worst >= Bits<U>::kExp;
+  });
+  for (std::size_t t = 0; t < tasks; ++t)
+    if (s.histograms[t * kStride + kBins]) throw not_finite(name);
+  // The bin of the (k-1)-th smallest key, and that key's rank among the bin's keys.
+  std::size_t rank = k - 1, bin = 0;
+  for (;; ++bin) {
+    std::size_t count = 0;
+    for (std::size_t t = 0; t < tasks; ++t) count += s.histograms[t * kStride + bin];
+    if (rank < count) break;
+    rank -= count;
   }
-  // Keys below the threshold: k - 1 - rank; the rest of the k dropped are rank + 1 equal ones.
-  return {prefix, count_equal - (rank + 1), count_equal};
+  // Gather the bin branch-free: each chunk writes every key and advances on a match, into its own region
+  // with one spare slot; the regions are then closed up in chunk order.
+  s.offsets.resize(tasks + 1);
+  s.offsets[0] = 0;
+  for (std::size_t t = 0; t < tasks; ++t) s.offsets[t + 1] = s.offsets[t] + s.histograms[t * kStride + bin] + 1;
+  s.candidates.resize(s.offsets[tasks]);
+  parallel_for(tasks, num_threads, [&](std::size_t t) {
+    const std::size_t lo = t * kChunkElems, hi = std::min(len, lo + kChunkElems);
+    U* out = s.candidates.data() + s.offsets[t];
+    std::size_t pos = 0;
+    for (std::size_t i = lo; i < hi; ++i) {
+      const U key = unsigned_key<K>(src[i]);
+      out[pos] = key;
+      pos += (key >> kShift) == bin;
+    }
+  });
+  std::size_t count = 0;
+  for (std::size_t t = 0; t < tasks; ++t) {
+    const std::size_t c = s.histograms[t * kStride + bin];
+    std::copy(s.candidates.begin() + s.offsets[t], s.candidates.begin() + s.offsets[t] + c,
+              s.candidates.begin() + count);
+    count += c;
+  }
+  const auto first = s.candidates.begin(), last = first + count;
+  std::nth_element(first, first + rank, last);
+  const U key = first[rank];
+  std::size_t less = 0, equal = 0;
+  for (auto it = first; it != last; ++it) less += *it < key, equal += *it == key;
+  // Of the keys equal to `key`, rank - less + 1 are dropped (the highest-index ones).
+  return {key, equal - (rank - less + 1), equal};
 }
 
 // Writes the mask of src[lo, hi) given the threshold; equal_before = equal keys before lo.
 template <KeyKind K, class U>
 void write_magnitude_mask(const U* src, uint8_t* out, std::size_t lo, std::size_t hi, const Threshold<U>& th,
                           std::size_t equal_before) {
+  if (th.keep_equal == 0) {  // no partial tie: plain comparisons
+    for (std::size_t i = lo; i < hi; ++i) out[i] = unsigned_key<K>(src[i]) > th.key;
+    return;
+  }
+  if (th.keep_equal == th.count_equal) {
+    for (std::size_t i = lo; i < hi; ++i) out[i] = unsigned_key<K>(src[i]) >= th.key;
+    return;
+  }
   std::size_t equal_seen = equal_before;
   for (std::size_t i = lo; i < hi; ++i) {
     const U key = unsigned_key<K>(src[i]);
@@ -472,7 +503,7 @@ std::size_t count_equal_keys(const U* src, std::size_t lo, std::size_t hi, U key
 // One row of len elements with k zeros, all on the calling thread or split over num_threads.
 template <KeyKind K, class U>
 void magnitude_mask_row(const U* src, uint8_t* out, std::size_t len, std::size_t k, int num_threads,
-                        std::vector<uint32_t>& scratch, const char* name) {
+                        SelectScratch<U>& scratch, const char* name) {
   if (k == 0 || k == len) {
     check_finite(src, len, num_threads, name);
     std::memset(out, k == 0 ? 1 : 0, len);
@@ -503,13 +534,13 @@ void magnitude_mask(const U* src, uint8_t* out, std::size_t rows, std::size_t le
                     const char* name) {
   if (k > len) throw std::invalid_argument("magnitude_mask: more zeros than elements per row");
   if (rows == 1) {
-    std::vector<uint32_t> scratch;
+    SelectScratch<U> scratch;
     magnitude_mask_row<K>(src, out, len, k, num_threads, scratch, name);
     return;
   }
   const std::size_t rows_per_task = std::max<std::size_t>(1, kChunkElems / std::max<std::size_t>(1, len));
   parallel_for(n_chunks(rows, rows_per_task), num_threads, [&](std::size_t t) {
-    std::vector<uint32_t> scratch;
+    SelectScratch<U> scratch;
     const std::size_t r1 = std::min(rows, (t + 1) * rows_per_task);
     for (std::size_t r = t * rows_per_task; r < r1; ++r)
       magnitude_mask_row<K>(src + r * len, out + r * len, len, k, 1, scratch, name);
