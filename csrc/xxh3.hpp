@@ -411,23 +411,39 @@ inline const LongKernel* kernel_named(const char* name) {
   return nullptr;
 }
 
-namespace detail {
+// The long-input hash of one buffer, fed while its length is still unknown: absorb() takes the whole
+// 1 KiB blocks that cannot be the input's last one, finish() does the rest once the length is known. The
+// content-defined chunker hashes a chunk this way while scanning it, so its bytes are hashed from L1/L2.
+class LongHashState {
+ public:
+  // Accumulates every block not yet taken that ends at or before `known_below`, where the caller knows
+  // the input is longer than `known_below` bytes (so none of these blocks is the last one).
+  void absorb(const std::uint8_t* p, std::size_t known_below, const LongKernel& kernel) {
+    const std::size_t blocks = known_below / kBlockSize;
+    if (blocks <= blocks_) return;
+    kernel.blocks(acc_, p + blocks_ * kBlockSize, blocks - blocks_);
+    blocks_ = blocks;
+  }
 
-inline Hash128 hash_long(const std::uint8_t* p, std::size_t n, const LongKernel& kernel) {
-  alignas(32) std::uint64_t acc[8] = {kPrime32_3, kPrime64_1, kPrime64_2, kPrime64_3,
-                                      kPrime64_4, kPrime32_2, kPrime64_5, kPrime32_1};
-  // Every full block but the last one (which may be full too) gets accumulated and scrambled.
-  const std::size_t full_blocks = (n - 1) / kBlockSize;
-  kernel.blocks(acc, p, full_blocks);
-  const std::size_t tail_start = full_blocks * kBlockSize;
-  kernel.stripes(acc, p + tail_start, (n - tail_start - 1) / kStripeSize, kSecret);
-  kernel.stripes(acc, p + n - kStripeSize, 1, kSecret + kLastStripeSecretOffset);
-  const std::uint64_t len = n;
-  return {merge_accumulators(acc, len * kPrime64_1, kSecret + 11),
-          merge_accumulators(acc, ~(len * kPrime64_2), kSecret + kSecretSize - 75)};
-}
+  // XXH3-128 of the n > 240 bytes at p, of which absorb() has seen a prefix.
+  Hash128 finish(const std::uint8_t* p, std::size_t n, const LongKernel& kernel) {
+    // Every full block but the last one (which may be full too) gets accumulated and scrambled.
+    const std::size_t full_blocks = (n - 1) / kBlockSize;
+    kernel.blocks(acc_, p + blocks_ * kBlockSize, full_blocks - blocks_);
+    blocks_ = full_blocks;
+    const std::size_t tail_start = full_blocks * kBlockSize;
+    kernel.stripes(acc_, p + tail_start, (n - tail_start - 1) / kStripeSize, kSecret);
+    kernel.stripes(acc_, p + n - kStripeSize, 1, kSecret + kLastStripeSecretOffset);
+    const std::uint64_t len = n;
+    return {detail::merge_accumulators(acc_, len * kPrime64_1, kSecret + 11),
+            detail::merge_accumulators(acc_, ~(len * kPrime64_2), kSecret + kSecretSize - 75)};
+  }
 
-}  // namespace detail
+ private:
+  alignas(32) std::uint64_t acc_[8] = {kPrime32_3, kPrime64_1, kPrime64_2, kPrime64_3,
+                                       kPrime64_4, kPrime32_2, kPrime64_5, kPrime32_1};
+  std::size_t blocks_ = 0;
+};
 
 // XXH3-128 (seed 0, default secret) of n bytes at p, using `kernel` for inputs over 240 bytes.
 inline Hash128 hash128(const void* data, std::size_t n, const LongKernel& kernel) {
@@ -440,7 +456,7 @@ inline Hash128 hash128(const void* data, std::size_t n, const LongKernel& kernel
   }
   if (n <= 128) return detail::hash_17to128(p, n);
   if (n <= 240) return detail::hash_129to240(p, n);
-  return detail::hash_long(p, n, kernel);
+  return LongHashState().finish(p, n, kernel);
 }
 
 // The slow obvious version: the scalar long-input kernel, as the spec words it.
