@@ -1,15 +1,15 @@
-// Chunked hashing over one contiguous buffer: fixed-size chunks, content-defined chunks (gear hash,
-// FastCDC-style), and one whole-buffer digest built as a one-level tree. Every result depends only on the
+// Chunked hashing over one contiguous buffer: fixed-size chunks, content-defined chunks (position hash,
+// FastCDC-style cut rules), and one whole-buffer digest built as a one-level tree. Every result depends only on the
 // bytes, never on the thread count: tasks write to slots fixed by their index.
 #pragma once
 
 #include <algorithm>
-#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
 
+#include "cut_hash.hpp"
 #include "parallel.hpp"
 #include "xxh3.hpp"
 
@@ -76,115 +76,86 @@ inline Hash128 tensor_digest(const std::uint8_t* data, std::size_t n, const Long
 
 // ---- content-defined chunks ----
 //
-// Rolling gear hash over the whole buffer: h = (h << 1) + GEAR[byte], starting from 0 before byte 0. A
-// byte's table value is shifted out after 64 more bytes, so h after byte i depends only on bytes
-// i-63 .. i. Position e = i + 1 is a *strict* candidate if the top (b + 2) bits of h are all zero and a
-// *loose* candidate if the top (b - 2) bits are, with b = floor(log2(average)) (FastCDC's normalised
-// chunking, level 2; strict candidates are loose ones too). From a chunk start s the chunk ends at:
+// Cut candidates come from the position hash H of cut_hash.hpp (16 bytes of context). With
+// b = floor(log2(average)), position e is a *strict* candidate if the top (b + 2) bits of H(e) are zero
+// and a *loose* candidate if the top (b - 2) bits are (FastCDC's normalised chunking, level 2). From a
+// chunk start s the chunk ends at:
 //   the first strict candidate e with s + min <= e < s + average, else
 //   the first loose candidate e with s + average <= e <= s + max, else
 //   s + max;
 // and the rest of the buffer is the last chunk once it is no longer than that rule would allow (the
-// last chunk is the only one that may be shorter than min). min = average / 4, max = 4 * average.
-//
-// GEAR[k] is the (k + 1)-th output of SplitMix64 seeded with 0x7079717368617265 ("pyqshare" in ASCII).
+// last chunk is the only one that may be shorter than min; e = n is never a cut). min = average / 4,
+// max = 4 * average. No position below s + min is ever looked at, so a single thread scans about 78% of
+// the bytes; the parallel path scans them all.
 
-inline constexpr std::uint64_t kGearSeed = 0x7079717368617265ULL;
 inline constexpr std::size_t kMinCdcAverage = 256;
-
-inline constexpr std::array<std::uint64_t, 256> make_gear_table() {
-  std::array<std::uint64_t, 256> table{};
-  std::uint64_t state = kGearSeed;
-  for (auto& entry : table) {
-    state += 0x9E3779B97F4A7C15ULL;
-    std::uint64_t z = state;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    entry = z ^ (z >> 31);
-  }
-  return table;
-}
-
-inline constexpr std::array<std::uint64_t, 256> kGear = make_gear_table();
 
 struct CdcParams {
   std::size_t min_size;
   std::size_t average;
   std::size_t max_size;
-  std::uint64_t strict_mask;
-  std::uint64_t loose_mask;
+  int strict_bits;
+  int loose_bits;
 
   static CdcParams for_average(std::size_t average) {
     if (average < kMinCdcAverage) throw std::invalid_argument("cdc chunk_size must be >= 256");
     if (average > (std::size_t{1} << 58)) throw std::invalid_argument("cdc chunk_size is too large");
     int bits = 0;
     while ((average >> (bits + 1)) != 0) ++bits;  // floor(log2(average)), >= 8
-    const auto top_bits = [](int k) { return ~std::uint64_t{0} << (64 - k); };
-    return {average / 4, average, average * 4, top_bits(bits + 2), top_bits(bits - 2)};
+    return {average / 4, average, average * 4, bits + 2, bits - 2};
   }
 };
+static_assert(kMinCdcAverage / 4 >= cut::kWindow, "every cut candidate needs its 16 bytes of context");
+
+// Where the chunk starting at s (with n - s > min) ends, scanning [s + min, ...) in steps and handing each
+// scanned step to `on_step(scanned_end)`: the chunk is then known to be longer than scanned_end - s - 2
+// (no cut below scanned_end, except the max-size cut s + max = scanned_end - 1 after the last step).
+template <class OnStep>
+std::size_t next_cut(const std::uint8_t* data, std::size_t n, std::size_t s, const CdcParams& p,
+                     cut::ScanFn scan, OnStep&& on_step) {
+  constexpr std::size_t kStep = std::size_t{16} << 10;  // scanned, then hashed while in L1/L2
+  const std::size_t strict_end = std::min(s + p.average, n);
+  const std::size_t loose_end = std::min(s + p.max_size + 1, n);
+  for (std::size_t pos = s + p.min_size; pos < loose_end;) {
+    const bool strict = pos < strict_end;
+    const std::size_t stop = std::min(pos + kStep, strict ? strict_end : loose_end);
+    const std::size_t found = scan(data, pos, stop, strict ? p.strict_bits : p.loose_bits);
+    if (found < stop) return found;
+    pos = stop;
+    on_step(pos);
+  }
+  return n - s <= p.max_size ? n : s + p.max_size;
+}
+
+// One thread: chunk ends and their XXH3-128 digests in one pass over memory. Each chunk is hashed step
+// by step right behind the scan (LongHashState), so its bytes come from cache the second time.
+inline void cdc_chunk_and_hash(const std::uint8_t* data, std::size_t n, const CdcParams& p, cut::ScanFn scan,
+                               const LongKernel& kernel, std::vector<std::uint64_t>& ends,
+                               std::vector<Hash128>& digests) {
+  for (std::size_t s = 0; s < n;) {
+    xxh3::LongHashState state;
+    const std::uint8_t* chunk = data + s;
+    const std::size_t end = n - s <= p.min_size
+                                ? n
+                                : next_cut(data, n, s, p, scan, [&](std::size_t scanned) {
+                                    state.absorb(chunk, scanned - s - 2, kernel);
+                                  });
+    const std::size_t length = end - s;
+    digests.push_back(length > 240 ? state.finish(chunk, length, kernel) : xxh3::hash128(chunk, length, kernel));
+    ends.push_back(end);
+    s = end;
+  }
+}
 
 // Candidates are stored as (position << 1) | is_strict.
 using Candidates = std::vector<std::uint64_t>;
 
-inline std::uint64_t gear_step(std::uint64_t h, std::uint8_t byte) { return (h << 1) + kGear[byte]; }
-
-// Every loose candidate e (see above) with first < e <= last, i.e. rolling-hash positions i in
-// [first, last). The hash is warmed up on the 64 bytes before each starting point, which gives the same h
-// as a scan from byte 0. The range is split into four lanes scanned in one loop so that four independent
-// hash chains are in flight. The loop makes no calls (a call would push the hashes out of registers):
-// hits go to a small stack buffer, emptied into the per-lane lists after each block.
+// Every loose candidate e with first <= e < last (16 <= first).
 inline void cdc_candidates_in(const std::uint8_t* data, std::size_t first, std::size_t last, const CdcParams& p,
-                              Candidates& out) {
-  constexpr std::size_t kWindow = 64;
-  constexpr std::size_t kLanes = 4;
-  constexpr std::size_t kBlock = 256;  // steps per block; each step can hit in every lane
-  const std::uint64_t loose = p.loose_mask;
-  const std::size_t lane_len = (last - first) / kLanes;
-  const auto warm_hash = [&](std::size_t start) {
-    std::uint64_t h = 0;
-    for (std::size_t i = start >= kWindow ? start - kWindow : 0; i < start; ++i) h = gear_step(h, data[i]);
-    return h;
-  };
-  std::uint64_t h0 = warm_hash(first), h1 = warm_hash(first + lane_len), h2 = warm_hash(first + 2 * lane_len),
-                h3 = warm_hash(first + 3 * lane_len);
-  const std::uint8_t* q0 = data + first;
-  const std::uint8_t* q1 = q0 + lane_len;
-  const std::uint8_t* q2 = q1 + lane_len;
-  const std::uint8_t* q3 = q2 + lane_len;
-  const std::uint8_t* const lane1_start = q1;
-  const std::uint8_t* const lane2_start = q2;
-  const std::uint8_t* const lane3_start = q3;
-
-  Candidates later_lanes[kLanes - 1];  // lane 0 goes straight to out: lanes are in position order
-  const auto keep = [&](const std::uint8_t* at, std::uint64_t h) {
-    const std::size_t lane = (at >= lane1_start) + (at >= lane2_start) + (at >= lane3_start);
-    const auto position = static_cast<std::uint64_t>(at - data) + 1;
-    (lane == 0 ? out : later_lanes[lane - 1]).push_back((position << 1) | ((h & p.strict_mask) == 0 ? 1 : 0));
-  };
-  const std::uint8_t* hit_at[kLanes * kBlock];
-  std::uint64_t hit_hash[kLanes * kBlock];
-  const std::uint8_t* const lanes_end = lane1_start;
-  while (q0 < lanes_end) {
-    const std::uint8_t* const block_end = q0 + std::min<std::size_t>(kBlock, lanes_end - q0);
-    std::size_t hits = 0;
-    for (; q0 < block_end; ++q0, ++q1, ++q2, ++q3) {
-      h0 = gear_step(h0, *q0);
-      h1 = gear_step(h1, *q1);
-      h2 = gear_step(h2, *q2);
-      h3 = gear_step(h3, *q3);
-      if ((h0 & loose) == 0) [[unlikely]] { hit_at[hits] = q0; hit_hash[hits++] = h0; }
-      if ((h1 & loose) == 0) [[unlikely]] { hit_at[hits] = q1; hit_hash[hits++] = h1; }
-      if ((h2 & loose) == 0) [[unlikely]] { hit_at[hits] = q2; hit_hash[hits++] = h2; }
-      if ((h3 & loose) == 0) [[unlikely]] { hit_at[hits] = q3; hit_hash[hits++] = h3; }
-    }
-    for (std::size_t k = 0; k < hits; ++k) keep(hit_at[k], hit_hash[k]);
+                              cut::ScanFn scan, Candidates& out) {
+  for (std::size_t e = scan(data, first, last, p.loose_bits); e < last; e = scan(data, e + 1, last, p.loose_bits)) {
+    out.push_back((static_cast<std::uint64_t>(e) << 1) | (cut::is_candidate_reference(data, e, p.strict_bits) ? 1 : 0));
   }
-  for (const std::uint8_t* const end = data + last; q3 < end; ++q3) {  // the last lane takes the remainder
-    h3 = gear_step(h3, *q3);
-    if ((h3 & loose) == 0) keep(q3, h3);
-  }
-  for (const auto& hits : later_lanes) out.insert(out.end(), hits.begin(), hits.end());
 }
 
 // Walks the per-segment candidate lists as one sorted sequence.
@@ -239,33 +210,31 @@ inline std::vector<std::uint64_t> select_cuts(const std::vector<Candidates>& seg
   return ends;
 }
 
-// Content-defined chunk ends, found in parallel: the buffer is cut into segments whose candidates are
-// collected independently (they depend on 64 bytes of context only), then the cuts are chosen in order.
-inline std::vector<std::uint64_t> cdc_chunk_ends(const std::uint8_t* data, std::size_t n, const CdcParams& p,
-                                                 int num_threads) {
+// Several threads: the buffer is cut into segments whose candidates are collected independently (they
+// depend on 16 bytes of context only), then the cuts are chosen in order; the caller hashes the chunks.
+inline std::vector<std::uint64_t> cdc_chunk_ends_parallel(const std::uint8_t* data, std::size_t n,
+                                                          const CdcParams& p, cut::ScanFn scan, int num_threads) {
   constexpr std::size_t kSegment = std::size_t{4} << 20;
   std::vector<Candidates> segments(n_chunks(n, kSegment));
   parallel_for(segments.size(), num_threads, [&](std::size_t s) {
-    cdc_candidates_in(data, s * kSegment, std::min(n, (s + 1) * kSegment), p, segments[s]);
+    // Positions below min_size are never cuts, and they lack the hash's context.
+    const std::size_t first = std::max(s * kSegment, p.min_size);
+    const std::size_t last = std::min(n, (s + 1) * kSegment);
+    if (first < last) cdc_candidates_in(data, first, last, p, scan, segments[s]);
   });
   return select_cuts(segments, n, p);
 }
 
-// The slow obvious version: one pass, one hash chain, rules applied as bytes arrive.
+// The slow obvious version: one pass, rules applied position by position with the reference hash.
 inline std::vector<std::uint64_t> cdc_chunk_ends_reference(const std::uint8_t* data, std::size_t n,
                                                            const CdcParams& p) {
   std::vector<std::uint64_t> ends;
-  std::uint64_t h = 0;
   std::size_t start = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    h = gear_step(h, data[i]);
-    const std::size_t e = i + 1;
+  for (std::size_t e = 1; e < n; ++e) {
     const std::size_t size = e - start;
-    if (e == n) break;
-    const bool strict = (h & p.strict_mask) == 0;
-    const bool loose = (h & p.loose_mask) == 0;
-    if ((size >= p.min_size && size < p.average && strict) || (size >= p.average && loose) ||
-        size == p.max_size) {
+    if (size < p.min_size) continue;
+    if ((size < p.average && cut::is_candidate_reference(data, e, p.strict_bits)) ||
+        (size >= p.average && cut::is_candidate_reference(data, e, p.loose_bits)) || size == p.max_size) {
       ends.push_back(e);
       start = e;
     }

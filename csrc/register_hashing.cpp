@@ -89,14 +89,29 @@ py::tuple chunk_hash_fixed(const py::handle& data, std::size_t chunk_size, int n
   return py::make_tuple(digests, offsets, lengths);
 }
 
+// The cut-candidate scanner every call uses: the best one for this CPU unless a test forced another.
+std::atomic<const cut::Scanner*> g_scanner{nullptr};
+
+const cut::Scanner& current_scanner() {
+  const cut::Scanner* s = g_scanner.load(std::memory_order_acquire);
+  return s ? *s : cut::best_scanner();
+}
+
 py::tuple chunk_hash_cdc(const py::handle& data, std::size_t chunk_size, int num_threads) {
   const CdcParams params = CdcParams::for_average(chunk_size);
   checked_threads(num_threads);
   HeldBuffer buf(data, "data");
+  const cut::ScanFn scan = current_scanner().scan;
+  const LongKernel& kernel = current_kernel();
   std::vector<std::uint64_t> ends;
+  std::vector<xxh3::Hash128> fused;  // the one-thread path hashes while it scans
   {
     MaybeReleaseGil nogil(buf.size());
-    ends = hashing::cdc_chunk_ends(buf.data(), buf.size(), params, num_threads);
+    if (num_threads == 1) {
+      hashing::cdc_chunk_and_hash(buf.data(), buf.size(), params, scan, kernel, ends, fused);
+    } else {
+      ends = hashing::cdc_chunk_ends_parallel(buf.data(), buf.size(), params, scan, num_threads);
+    }
   }
   const auto n = static_cast<py::ssize_t>(ends.size());
   py::array_t<std::uint64_t> digests({n, py::ssize_t{2}});
@@ -112,7 +127,12 @@ py::tuple chunk_hash_cdc(const py::handle& data, std::size_t chunk_size, int num
       len[i] = static_cast<std::int64_t>(ends[i] - start);
       start = ends[i];
     }
-    hashing::hash_chunks(buf.data(), off, len, ends.size(), current_kernel(), num_threads, digests.mutable_data());
+    std::uint64_t* rows = digests.mutable_data();
+    if (num_threads == 1) {
+      for (std::size_t i = 0; i < fused.size(); ++i) hashing::store(fused[i], rows + 2 * i);
+    } else {
+      hashing::hash_chunks(buf.data(), off, len, ends.size(), kernel, num_threads, rows);
+    }
   }
   return py::make_tuple(digests, offsets, lengths);
 }
@@ -158,6 +178,22 @@ std::string set_hash_isa(const std::string& name) {
   return previous;
 }
 
+std::string set_cdc_isa(const std::string& name) {
+  const cut::Scanner* s = cut::scanner_named(name.c_str());
+  if (s == nullptr) throw std::invalid_argument("cdc ISA '" + name + "' is not available on this build or CPU");
+  const std::string previous = current_scanner().name;
+  g_scanner.store(s, std::memory_order_release);
+  return previous;
+}
+
+py::list available_cdc_isas() {
+  py::list names;
+  for (const char* name : {"scalar", "sse2", "avx2", "avx512"}) {
+    if (cut::scanner_named(name) != nullptr) names.append(name);
+  }
+  return names;
+}
+
 py::list available_hash_isas() {
   py::list names;
   for (const char* name : {"scalar", "sse2", "avx2"}) {
@@ -186,6 +222,10 @@ void register_hashing(py::module_& m) {
         "Tests only: force the long-input kernel ('scalar', 'sse2', 'avx2'); returns the previous one.");
   m.def("_hash_isa", []() { return std::string(current_kernel().name); }, "The long-input kernel in use.");
   m.def("_hash_isas", &available_hash_isas, "Long-input kernels this build and CPU can run.");
+  m.def("_set_cdc_isa", &set_cdc_isa, py::arg("name"),
+        "Tests only: force the cut-candidate scanner ('scalar', 'sse2', 'avx2', 'avx512'); returns the previous one.");
+  m.def("_cdc_isa", []() { return std::string(current_scanner().name); }, "The cut-candidate scanner in use.");
+  m.def("_cdc_isas", &available_cdc_isas, "Cut-candidate scanners this build and CPU can run.");
 }
 
 }  // namespace pyqshare

@@ -40,36 +40,45 @@ def expected_tensor_digest(data: bytes) -> bytes:
     return xxhash.xxh3_128_digest(leaves + len(data).to_bytes(8, "little"))
 
 
-def gear_table() -> list[int]:
-    """SplitMix64 seeded with "pyqshare", as the chunk_hash docstring states."""
-    state, table = 0x7079717368617265, []
-    for _ in range(256):
-        state = (state + 0x9E3779B97F4A7C15) & MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-        table.append(z ^ (z >> 31))
-    return table
+def mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (numpy array arithmetic wraps modulo 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
-GEAR = gear_table()
+def cut_hashes(data: bytes) -> np.ndarray:
+    """H(e) for every position e (entries below 16 are unused), restated from the chunk_hash docstring."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    n = len(b)
+    out = np.zeros(max(n, 16), dtype=np.uint64)
+    if n <= 16:
+        return out
+    e = np.arange(16, n)
+    word = lambda at: b[at].astype(np.uint16) | (b[at + 1].astype(np.uint16) << np.uint16(8))  # noqa: E731
+    k1, k2, k3, add = (np.uint16(v) for v in (0x9E37, 0x85EB, 0xC2B3, 0x6A09))
+    with np.errstate(over="ignore"):
+        ab = word(e - 8) * k1 + word(e - 6)
+        cd = word(e - 4) * k1 + word(e - 2)
+        f = (((ab * k2) ^ cd) + add) * k3
+        read64 = lambda at: sum(b[at + i].astype(np.uint64) << np.uint64(8 * i) for i in range(8))  # noqa: E731
+        g = mix64(read64(e - 8) + mix64(read64(e - 16)))
+    out[16:] = (f.astype(np.uint64) << np.uint64(48)) | (g >> np.uint64(16))
+    return out
 
 
 def expected_cdc_ends(data: bytes, chunk_size: int) -> list[int]:
     """Content-defined chunk ends restated from the docstring: candidates first, then the rules per chunk."""
     b = chunk_size.bit_length() - 1
-    top = lambda k: (MASK64 << (64 - k)) & MASK64  # noqa: E731
-    strict_mask, loose_mask = top(b + 2), top(b - 2)
-    h, hashes = 0, [0]  # hashes[e]: the rolling hash after byte e - 1
-    for byte in data:
-        h = ((h << 1) + GEAR[byte]) & MASK64
-        hashes.append(h)
+    hashes = cut_hashes(data)
+    strict = (hashes >> np.uint64(64 - (b + 2))) == 0
+    loose = (hashes >> np.uint64(64 - (b - 2))) == 0
     n, lo, hi = len(data), chunk_size // 4, 4 * chunk_size
     ends, start = [], 0
     while start < n:
-        cut = next((e for e in range(start + lo, min(start + chunk_size, n)) if hashes[e] & strict_mask == 0), None)
+        cut = next((e for e in range(start + lo, min(start + chunk_size, n)) if strict[e]), None)
         if cut is None:
-            cut = next((e for e in range(start + chunk_size, min(start + hi + 1, n)) if hashes[e] & loose_mask == 0), None)
+            cut = next((e for e in range(start + chunk_size, min(start + hi + 1, n)) if loose[e]), None)
         if cut is None:
             cut = min(start + hi, n)
         ends.append(cut)
@@ -84,6 +93,13 @@ def isa(request):
     _core._set_hash_isa(previous)
 
 
+@pytest.fixture(params=_core._cdc_isas())
+def cdc_isa(request):
+    previous = _core._set_cdc_isa(request.param)
+    yield request.param
+    _core._set_cdc_isa(previous)
+
+
 # ---- XXH3-128 itself ----
 
 
@@ -96,6 +112,11 @@ def test_isa_dispatch_picks_avx2_when_the_cpu_has_it():
         assert _core._hash_isa() == "avx2"
     with pytest.raises(ValueError, match="not available"):
         _core._set_hash_isa("neon")
+    assert {"scalar", "sse2"} <= set(_core._cdc_isas())
+    expected_scan = "avx512" if {"avx512f", "avx512bw", "bmi2"} <= set(flags) else "avx2" if "avx2" in flags else "sse2"
+    assert _core._cdc_isa() == expected_scan
+    with pytest.raises(ValueError, match="cdc ISA 'neon' is not available"):
+        _core._set_cdc_isa("neon")
 
 
 def test_every_length_0_to_2048_matches_xxhash(isa):
@@ -191,9 +212,11 @@ def test_cdc_matches_the_documented_definition(size, chunk_size):
     assert rows_as_digests(result.digests) == [xxhash.xxh3_128_digest(data[o : o + n]) for o, n in zip(result.offsets, result.lengths)]
 
 
-@pytest.mark.parametrize("chunk_size", [256, 3000, 1 << 16])
-def test_cdc_parallel_scan_matches_the_one_pass_reference(chunk_size, isa):
-    # Several 4 MiB scan segments, lanes of odd length, and a low-entropy stretch (long runs).
+@pytest.mark.parametrize("chunk_size", [256, 3000, 1 << 16, 1 << 20])
+def test_cdc_scanners_match_the_one_pass_reference(chunk_size, cdc_isa):
+    # Several 4 MiB scan segments, a low-entropy stretch (long runs), strict and loose tests both below and
+    # above the 16 bits the vector filter decides alone; 1 thread hashes while scanning, more collect
+    # candidates per segment.
     data = bytearray(random_bytes(9_000_007, seed=8))
     data[2_000_000:3_000_000] = bytes(1_000_000)
     data[5_000_000:5_400_000] = b"ab" * 200_000
@@ -215,6 +238,32 @@ def test_cdc_average_chunk_size_is_near_chunk_size():
     for chunk_size in (1024, 8192, 65536):
         lengths = chunk_hash(data, chunk_size=chunk_size, method="cdc").lengths
         assert 0.9 * chunk_size < lengths[:-1].mean() < 1.4 * chunk_size
+
+
+@pytest.mark.parametrize("chunk_size", [256, 1000])
+def test_cdc_scanners_at_awkward_sizes_match_the_definition(chunk_size, cdc_isa):
+    # Scan ranges end at every offset within and past a vector block (16, 32, 64 positions).
+    for size in [0, 1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1023, 1025, 3001, 4097, 9999]:
+        data = random_bytes(size, seed=size)
+        result = chunk_hash(data, chunk_size=chunk_size, method="cdc")
+        assert (result.offsets + result.lengths).tolist() == expected_cdc_ends(data, chunk_size), (size, cdc_isa)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_cdc_cuts_real_looking_weights_near_chunk_size(dtype):
+    # Heavy-tailed weights (Student-t) as a trained layer has them: candidates must occur at the usual
+    # rate, not only on uniformly random bytes.
+    weights = (0.02 * np.random.default_rng(13).standard_t(4, 3_000_000)).astype(dtype)
+    for chunk_size in (4096, 65536):
+        lengths = chunk_hash(weights, chunk_size=chunk_size, method="cdc").lengths[:-1]
+        assert 0.9 * chunk_size < lengths.mean() < 1.4 * chunk_size, (dtype, chunk_size, lengths.mean())
+        assert (lengths == 4 * chunk_size).mean() < 0.02  # max-size cuts are the low-entropy fallback
+
+
+def test_cdc_low_entropy_input_falls_back_to_max_size_cuts():
+    for data in (bytes(1_000_000), b"\x00\x00\x80?" * 250_000):  # zeros, float32 ones
+        lengths = chunk_hash(data, chunk_size=4096, method="cdc").lengths
+        assert (lengths[:-1] == 4 * 4096).all()
 
 
 @pytest.mark.parametrize("edit", ["insert", "delete", "overwrite"])
