@@ -547,6 +547,282 @@ inline GroupResult search_group_reference(const GroupData& g, const GroupStats& 
   return {best.scale, best.zero_point};
 }
 
+// Binned screening (unweighted mse): the elements of a group are counting-sorted into value bins once;
+// the error of a candidate is then a sum over its cells (runs of elements sharing one code). A run of
+// elements inside one cell costs O(1) from prefix moments: sum (y - D)^2 = S2 - 2 D S1 + N D^2. Only the
+// bins that may straddle a cell boundary are evaluated element by element, with the exact code rule.
+// The result is the exact error up to a computed rounding radius, so it decides which candidates can
+// still win; those are then evaluated exactly (bit for bit as the reference).
+struct BinnedGroup {
+  std::size_t n = 0, nbins = 0;
+  float origin = 0.0f, inv_width = 0.0f;
+  std::vector<uint32_t> bin_of, cursor;  // build scratch
+  std::vector<uint32_t> start;           // bin b holds grouped[start[b], start[b + 1])
+  std::vector<float> grouped;
+  std::vector<double> p1, p2;  // p1[k], p2[k]: sums of y and y^2 over grouped[0, k)
+  double abs_sum = 0.0;        // sum |y|
+  std::vector<int32_t> first, last;  // cell boundaries of one candidate (screening scratch)
+
+  // Monotone in v (a float32 subtraction, a product by a non-negative constant, a clamp, truncation),
+  // so every element of bin b is <= every element of bin b + 1, and bin(y) < bin(t) implies y < t.
+  uint32_t bin(float v) const {
+    float f = (v - origin) * inv_width;
+    f = f > 0.0f ? f : 0.0f;  // NaN (0 * inf) goes to bin 0 too
+    f = std::min(f, static_cast<float>(nbins - 1));
+    return static_cast<uint32_t>(static_cast<int32_t>(f));
+  }
+
+  void build(const float* x, std::size_t count, float xmin, float xmax, std::size_t bins, Isa isa);
+};
+
+// Prefix sums of y and y^2 (p[k] over y[0, k)) and sum |y|: every term passes through at most n / 4 + 10
+// additions (runs of 4 or 8 plus a carry), which bounds their rounding (binned_mse).
+inline double prefix_moments_scalar(const float* y, std::size_t n, double* p1, double* p2) {
+  p1[0] = p2[0] = 0.0;
+  double c1 = 0.0, c2 = 0.0, a = 0.0;
+  for (std::size_t k = 0; k < n; k += 8) {
+    double r1 = 0.0, r2 = 0.0;
+    const std::size_t stop = std::min(n, k + 8);
+    for (std::size_t e = k; e < stop; ++e) {
+      const double v = y[e];
+      r1 += v;
+      r2 += v * v;  // exact: a float32 squared fits in float64
+      a += std::fabs(v);
+      p1[e + 1] = c1 + r1;
+      p2[e + 1] = c2 + r2;
+    }
+    c1 += r1;
+    c2 += r2;
+  }
+  return a;
+}
+
+#ifdef PYQSHARE_QUANT_X86
+// Inclusive prefix sum of four doubles (lane j: v[0] + ... + v[j]).
+PYQSHARE_AVX2 inline __m256d scan4_avx2(__m256d v) {
+  const __m256d zero = _mm256_setzero_pd();
+  v = _mm256_add_pd(v, _mm256_blend_pd(_mm256_permute4x64_pd(v, _MM_SHUFFLE(2, 1, 0, 0)), zero, 0x1));
+  return _mm256_add_pd(v, _mm256_blend_pd(_mm256_permute4x64_pd(v, _MM_SHUFFLE(1, 0, 0, 0)), zero, 0x3));
+}
+
+PYQSHARE_AVX2 inline double prefix_moments_avx2(const float* y, std::size_t n, double* p1, double* p2) {
+  p1[0] = p2[0] = 0.0;
+  __m256d c1 = _mm256_setzero_pd(), c2 = c1, a = c1;
+  const __m256d sign = _mm256_set1_pd(-0.0);
+  std::size_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(y + k));
+    const __m256d s1 = _mm256_add_pd(c1, scan4_avx2(v)), s2 = _mm256_add_pd(c2, scan4_avx2(_mm256_mul_pd(v, v)));
+    _mm256_storeu_pd(p1 + k + 1, s1);
+    _mm256_storeu_pd(p2 + k + 1, s2);
+    c1 = _mm256_permute4x64_pd(s1, _MM_SHUFFLE(3, 3, 3, 3));
+    c2 = _mm256_permute4x64_pd(s2, _MM_SHUFFLE(3, 3, 3, 3));
+    a = _mm256_add_pd(a, _mm256_andnot_pd(sign, v));
+  }
+  alignas(32) double lane[4];
+  _mm256_store_pd(lane, a);
+  double abs_sum = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+  for (; k < n; ++k) {
+    const double v = y[k];
+    p1[k + 1] = p1[k] + v;
+    p2[k + 1] = p2[k] + v * v;
+    abs_sum += std::fabs(v);
+  }
+  return abs_sum;
+}
+#endif
+
+inline void BinnedGroup::build(const float* x, std::size_t count, float xmin, float xmax, std::size_t bins, Isa isa) {
+  n = count;
+  nbins = bins;
+  origin = xmin;
+  inv_width = static_cast<float>(static_cast<double>(bins) / (static_cast<double>(xmax) - xmin));
+  if (!std::isfinite(inv_width)) inv_width = 0.0f;  // a zero or subnormal range: one bin does
+  bin_of.resize(n);
+  grouped.resize(n);
+  start.assign(nbins + 1, 0);
+  // Local copies and pointers: stores through bin_of could otherwise alias the members.
+  const float o = origin, inv = inv_width, top = static_cast<float>(nbins - 1);
+  uint32_t* __restrict bins_out = bin_of.data();
+  uint32_t* __restrict first = start.data();
+  for (std::size_t k = 0; k < n; ++k) {
+    float f = (x[k] - o) * inv;  // as bin()
+    f = f > 0.0f ? f : 0.0f;
+    bins_out[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+  }
+  for (std::size_t k = 0; k < n; ++k) ++first[bins_out[k] + 1];
+  uint32_t total = 0;
+  for (std::size_t b = 1; b <= nbins; ++b) first[b] = total += first[b];
+  cursor.assign(start.begin(), start.end() - 1);
+  uint32_t* __restrict next = cursor.data();
+  float* __restrict out = grouped.data();
+  for (std::size_t k = 0; k < n; ++k) out[next[bins_out[k]]++] = x[k];
+  p1.resize(n + 1);
+  p2.resize(n + 1);
+#ifdef PYQSHARE_QUANT_X86
+  if (isa != Isa::kPortable) {
+    abs_sum = prefix_moments_avx2(grouped.data(), n, p1.data(), p2.data());
+    return;
+  }
+#endif
+  (void)isa;
+  abs_sum = prefix_moments_scalar(grouped.data(), n, p1.data(), p2.data());
+}
+
+struct ScreenedError {
+  double value = 0.0, radius = 0.0;  // |value - exact error| <= radius
+};
+
+// Sum of squared errors of n elements under candidate c (float64 differences and sums).
+inline double window_error_scalar(const float* y, std::size_t n, const Candidate& c) {
+  double sum = 0.0;
+  for (std::size_t e = 0; e < n; ++e) {
+    const double d = static_cast<double>(y[e]) - static_cast<double>(offset_code(y[e], c) * c.scale);
+    sum += d * d;
+  }
+  return sum;
+}
+
+
+// Cell boundaries of candidate c in the grouped order. Boundary j lies between codes q = c.lo + j and
+// q + 1: a real y < t - |t| 2^-20 (t = (q + 1/2) s) has f32(y / s) < q + 1/2 (the margin covers the
+// roundings), so code <= q, and y > t + |t| 2^-20 has code >= q + 1. Thresholds a little further out
+// (whose float32 roundings stay beyond those bounds) are binned: elements in bins below the lower one's
+// bin have code <= q, those above the upper one's bin code >= q + 1. So with first[j] = start[bin(lower)]
+// and last[j] = start[bin(upper) + 1] (both non-decreasing in j), cell j (code c.lo + j) holds
+// grouped[last[j - 1], max(first[j], last[j - 1])) entirely, and the elements
+// [max(first[j], last[j - 1]), last[j]) may hold either code: they are evaluated one by one.
+inline void cell_thresholds(double q_half, double s, float& lower_f, float& upper_f) {
+  const double t = q_half * s, margin = std::fabs(t) * 0x1p-19 + 0x1p-148;
+  lower_f = static_cast<float>(std::min(t - margin, static_cast<double>(FLT_MAX)));
+  const double upper = std::max(t + margin, -static_cast<double>(FLT_MAX));
+  upper_f = upper > FLT_MAX ? HUGE_VALF : static_cast<float>(upper);
+}
+
+// Rounding radius of a binned error (see binned_mse).
+inline double binned_radius(const BinnedGroup& bg, const Candidate& c, double value, double mag, double elems,
+                            std::size_t n_cells, std::size_t n_window) {
+  // A prefix sum errs by at most (n / 4 + 10) u times the sum of its |terms|, so a cell's moments by
+  // twice that; the cell formula and the sums (in any order) by small multiples of u times the magnitudes.
+  constexpr double u = 0x1p-53;
+  const double dmax = std::max(std::fabs(c.lo), std::fabs(c.hi)) * static_cast<double>(c.scale) * (1.0 + 0x1p-22);
+  const double depth = static_cast<double>(bg.n) / 4.0 + 10.0;
+  const double screened = 1.05 * u *
+                          (2.0 * depth * static_cast<double>(n_cells) * (bg.p2[bg.n] + 2.0 * dmax * bg.abs_sum) +
+                           static_cast<double>(n_cells + 8) * mag + static_cast<double>(n_window + 4) * elems +
+                           std::fabs(value));
+  // The exact error itself differs from the real sum by at most (n / 16 + 8) u of it (lane sums).
+  const double exact = 1.05 * u * (static_cast<double>(bg.n) / kLanes + 8.0) * (std::fabs(value) + screened);
+  return screened + exact;
+}
+
+inline ScreenedError binned_mse_scalar(const BinnedGroup& bg, const Candidate& c) {
+  const double s = c.scale;
+  double cells = 0.0, mag = 0.0, elems = 0.0;
+  std::size_t n_window = 0;
+  const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1;
+  std::size_t prev_last = 0;
+  for (std::size_t j = 0; j < n_cells; ++j) {
+    const float q = c.lo + static_cast<float>(j);
+    std::size_t first = bg.n, last = bg.n;
+    if (q < c.hi) {
+      float lower_f, upper_f;
+      cell_thresholds(static_cast<double>(q) + 0.5, s, lower_f, upper_f);
+      first = bg.start[bg.bin(lower_f)];
+      last = bg.start[bg.bin(upper_f) + 1];
+    }
+    const std::size_t a = prev_last, b = std::max(first, prev_last);
+    const double deq = static_cast<double>(q * c.scale);
+    const double s2 = bg.p2[b] - bg.p2[a], cross = 2.0 * deq * (bg.p1[b] - bg.p1[a]);
+    const double nd2 = static_cast<double>(b - a) * deq * deq;
+    cells += (s2 - cross) + nd2;
+    mag += s2 + std::fabs(cross) + nd2;
+    if (last > b) {
+      elems += window_error_scalar(bg.grouped.data() + b, last - b, c);
+      n_window += last - b;
+    }
+    prev_last = std::max(last, b);
+  }
+  ScreenedError r;
+  r.value = cells + elems;
+  r.radius = binned_radius(bg, c, r.value, mag, elems, n_cells, n_window);
+  return r;
+}
+
+#ifdef PYQSHARE_QUANT_X86
+// binned_mse_scalar with the thresholds, bins and cell moments of four boundaries per vector.
+PYQSHARE_AVX2 inline ScreenedError binned_mse_avx2(BinnedGroup& bg, const Candidate& c) {
+  const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1, n_bounds = n_cells - 1;
+  bg.first.resize(n_cells + 4);
+  bg.last.resize(n_cells + 4);
+  int32_t* first = bg.first.data();
+  int32_t* last = bg.last.data() + 1;  // last[-1] = 0
+  last[-1] = 0;
+  const __m256d s = _mm256_set1_pd(c.scale), sign = _mm256_set1_pd(-0.0), tiny = _mm256_set1_pd(0x1p-148);
+  const __m256d fmax = _mm256_set1_pd(FLT_MAX), fmin = _mm256_set1_pd(-FLT_MAX), inf = _mm256_set1_pd(HUGE_VAL);
+  const __m128 origin = _mm_set1_ps(bg.origin), inv = _mm_set1_ps(bg.inv_width);
+  const __m128 top = _mm_set1_ps(static_cast<float>(bg.nbins - 1)), zero = _mm_setzero_ps();
+  const int* start = reinterpret_cast<const int*>(bg.start.data());
+  for (std::size_t j = 0; j < n_bounds; j += 4) {
+    const double q0 = static_cast<double>(c.lo) + static_cast<double>(j) + 0.5;
+    const __m256d t = _mm256_mul_pd(_mm256_setr_pd(q0, q0 + 1.0, q0 + 2.0, q0 + 3.0), s);
+    const __m256d margin = _mm256_add_pd(_mm256_mul_pd(_mm256_andnot_pd(sign, t), _mm256_set1_pd(0x1p-19)), tiny);
+    const __m128 lower = _mm256_cvtpd_ps(_mm256_min_pd(_mm256_sub_pd(t, margin), fmax));
+    const __m256d up = _mm256_max_pd(_mm256_add_pd(t, margin), fmin);
+    const __m128 upper = _mm256_cvtpd_ps(_mm256_blendv_pd(up, inf, _mm256_cmp_pd(up, fmax, _CMP_GT_OQ)));
+    // bin(): max_ps returns its second operand (0) for NaN, as bin() does.
+    const __m128i bl = _mm_cvttps_epi32(_mm_min_ps(_mm_max_ps(_mm_mul_ps(_mm_sub_ps(lower, origin), inv), zero), top));
+    const __m128i bu = _mm_cvttps_epi32(_mm_min_ps(_mm_max_ps(_mm_mul_ps(_mm_sub_ps(upper, origin), inv), zero), top));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(first + j), _mm_i32gather_epi32(start, bl, 4));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(last + j), _mm_i32gather_epi32(start + 1, bu, 4));
+  }
+  first[n_bounds] = last[n_bounds] = static_cast<int32_t>(bg.n);
+  // last[] is non-decreasing, so cell j runs over [last[j - 1], max(first[j], last[j - 1])). Scalar loads:
+  // gathers are slower here.
+  double cells = 0.0, mag = 0.0;
+  for (std::size_t j = 0; j < n_cells; ++j) {
+    const int32_t lo_idx = last[static_cast<std::ptrdiff_t>(j) - 1], hi_idx = std::max(first[j], lo_idx);
+    const double deq = static_cast<double>((c.lo + static_cast<float>(j)) * c.scale);
+    const double s2 = bg.p2[hi_idx] - bg.p2[lo_idx], cross = 2.0 * deq * (bg.p1[hi_idx] - bg.p1[lo_idx]);
+    const double nd2 = static_cast<double>(hi_idx - lo_idx) * deq * deq;
+    cells += (s2 - cross) + nd2;
+    mag += s2 + std::fabs(cross) + nd2;
+  }
+  // Windows [max(first[j], last[j - 1]), last[j]), four elements at a time.
+  const __m256d inv_s = _mm256_set1_pd(1.0 / static_cast<double>(c.scale));
+  const __m128 scale = _mm_set1_ps(c.scale), lo = _mm_set1_ps(c.lo), hi = _mm_set1_ps(c.hi);
+  __m256d acc = _mm256_setzero_pd();
+  std::size_t n_window = 0;
+  for (std::size_t j = 0; j < n_bounds; ++j) {
+    const int32_t a = std::max(first[j], last[j - 1]), b = last[j];
+    for (int32_t e = a; e < b; e += 4) {
+      const int rest = std::min(4, b - e);
+      const __m128i mask = _mm_cmpgt_epi32(_mm_set1_epi32(rest), _mm_setr_epi32(0, 1, 2, 3));
+      const __m256d yv = _mm256_cvtps_pd(_mm_maskload_ps(bg.grouped.data() + e, mask));
+      const __m256d d = _mm256_sub_pd(yv, _mm256_cvtps_pd(_mm_mul_ps(offset_code_avx2(yv, inv_s, lo, hi), scale)));
+      acc = _mm256_fmadd_pd(d, d, acc);  // masked-out lanes: y = 0 has code 0 and d = 0
+    }
+    n_window += b > a ? static_cast<std::size_t>(b - a) : 0;
+  }
+  alignas(32) double lane[4];
+  _mm256_store_pd(lane, acc);
+  ScreenedError r;
+  const double elems = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+  r.value = cells + elems;
+  r.radius = binned_radius(bg, c, r.value, mag, elems, n_cells, n_window);
+  return r;
+}
+#endif
+
+// The error of candidate c from the bins (see BinnedGroup), with its rounding radius.
+inline ScreenedError binned_mse(BinnedGroup& bg, const Candidate& c, Isa isa) {
+#ifdef PYQSHARE_QUANT_X86
+  if (isa != Isa::kPortable) return binned_mse_avx2(bg, c);
+#endif
+  (void)isa;
+  return binned_mse_scalar(bg, c);
+}
+
 // Per-task scratch reused across the groups of a task (no allocation per group once grown).
 struct SearchScratch {
   std::vector<Candidate> cand;
@@ -556,6 +832,8 @@ struct SearchScratch {
   std::vector<float> screen_sum;
   std::vector<int> order;
   std::vector<std::size_t> top;
+  BinnedGroup bins;
+  std::vector<ScreenedError> screened;
   float top_x[kLanes];
   double top_xd[kLanes], top_w[kLanes];
 };
@@ -602,6 +880,15 @@ inline void largest_elements(const GroupData& g, double m, Isa isa, std::vector<
     top.resize(kLanes);
   }
 }
+
+// Binned screening pays off when a group has many elements per cell (a cell: one code).
+// (At most 2^20 elements: the scratch holds two float64 prefix arrays of the group's size.)
+inline bool use_bins(const GroupData& g, const SearchConfig& cfg) {
+  return cfg.squared() && !g.w && cfg.bits <= 12 && g.n >= (std::size_t{64} << cfg.bits) && g.n <= (std::size_t{1} << 20);
+}
+
+// About one element per bin: few elements per straddling bin, and the per-bin work stays O(n).
+inline std::size_t bin_count(std::size_t n) { return std::max<std::size_t>(1, n); }
 
 // Groups up to this size screen every candidate at once instead of pruning candidate by candidate.
 constexpr std::size_t kSmallGroup = 512;
@@ -677,7 +964,29 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     }
   }
   const bool screened_all = screen.enabled && g.n <= kSmallGroup;
-  if (screened_all) {
+  const bool binned = !screened_all && use_bins(g, cfg);
+  if (binned) {
+    // Screen candidates by estimate, pruning by the lower bound; then only those whose screened error can
+    // still be the smallest are evaluated exactly, smallest screened error first.
+    sc.bins.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), bin_count(g.n), isa);
+    std::sort(sc.order.begin(), sc.order.end(), [&](int a, int b) {
+      return sc.estimate[a] < sc.estimate[b] || (sc.estimate[a] == sc.estimate[b] && a < b);
+    });
+    sc.screened.assign(n_cand, ScreenedError{HUGE_VAL, 0.0});
+    double best_upper = HUGE_VAL;
+    for (int i : sc.order) {
+      if (sc.bound[i] > best_upper) continue;
+      sc.screened[i] = binned_mse(sc.bins, sc.cand[i], isa);
+      best_upper = std::min(best_upper, sc.screened[i].value + sc.screened[i].radius);
+    }
+    sc.order.clear();
+    for (int i = 0; i < n_cand; ++i) {
+      if (sc.screened[i].value - sc.screened[i].radius <= best_upper) sc.order.push_back(i);
+    }
+    std::sort(sc.order.begin(), sc.order.end(), [&](int a, int b) {
+      return sc.screened[a].value < sc.screened[b].value || (sc.screened[a].value == sc.screened[b].value && a < b);
+    });
+  } else if (screened_all) {
     // The most promising candidate first, the others in index order: they are mostly pruned anyway.
     const auto first = std::min_element(sc.estimate.begin(), sc.estimate.end()) - sc.estimate.begin();
     std::rotate(sc.order.begin(), sc.order.begin() + first, sc.order.begin() + first + 1);
@@ -692,7 +1001,9 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   for (int i : sc.order) {
     if (best < n_cand) {
       if (sc.bound[i] > best_error) continue;
-      if (screened_all) {
+      if (binned) {
+        // Survivors of the binned screen need no further screening.
+      } else if (screened_all) {
         if (sc.screen_sum[i] > screen.threshold(best_error, sc.cand[i].scale)) continue;
       } else if (screen.enabled &&
                  screen_mse(g, sc.w32, sc.cand[i], screen.threshold(best_error, sc.cand[i].scale), isa)) {

@@ -301,6 +301,76 @@ def test_fast_equals_reference_realistic_rows(bits, symmetric, weighted):
             np.testing.assert_array_equal(got[1], want[1])
 
 
+def binned_rows(kind, n, seed):
+    """Rows for the binned screening (unweighted mse, n >= 64 * 2^bits): awkward value layouts."""
+    rng = np.random.default_rng(seed)
+    if kind == "t":
+        return (rng.standard_t(4, size=(3, n)) * 0.02).astype(np.float32)
+    if kind == "constant":  # every element in one bin (zero value range)
+        return np.full((2, n), rng.uniform(-2, 2), np.float32)
+    if kind == "two_values":
+        return rng.choice(np.array([-0.3, 1.7], np.float32), size=(2, n))
+    if kind == "half_steps":  # many elements exactly on (or next to) rounding boundaries, ties everywhere
+        step = np.float32(1 / 14)
+        w = ((rng.integers(-30, 30, size=(3, n)) + 0.5) * step).astype(np.float32)
+        w[1] = np.nextafter(w[1], np.float32(np.inf))
+        return w
+    if kind == "outlier":  # all but one element crowd a few bins near zero
+        w = (rng.standard_normal((2, n)) * 1e-3).astype(np.float32)
+        w[:, rng.integers(n)] = 5.0
+        return w
+    if kind == "subnormal":
+        return (rng.standard_normal((2, n)) * 1e-39).astype(np.float32)
+    if kind == "zeros_and_row":
+        w = rng.standard_normal((2, n)).astype(np.float32)
+        w[0] = 0.0
+        return w
+    if kind == "positive":  # asymmetric ranges with a large zero point
+        return rng.uniform(0.5, 3.0, size=(2, n)).astype(np.float32)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["t", "constant", "two_values", "half_steps", "outlier", "subnormal",
+                                  "zeros_and_row", "positive"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_binned_screening_equals_reference(kind, bits):
+    """Groups with at least 64 elements per code take the binned screening: still the brute force's answer."""
+    n = (64 << bits) + 37
+    w = binned_rows(kind, n, bits)
+    for symmetric in (True, False):
+        for refine in (False, True):
+            want = core_search(w, bits, symmetric=symmetric, refine=refine, reference=True)
+            for isa in ISAS:
+                got = core_search(w, bits, symmetric=symmetric, refine=refine, isa=isa)
+                np.testing.assert_array_equal(got[0], want[0])
+                np.testing.assert_array_equal(got[1], want[1])
+
+
+@settings(max_examples=15, deadline=None)
+@given(bits=st.integers(2, 5), extra=st.integers(0, 700), grid=st.integers(1, 120), symmetric=st.booleans(),
+       lp2=st.booleans(), seed=st.integers(0, 2**31))
+def test_binned_screening_property(bits, extra, grid, symmetric, lp2, seed):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(3, size=(2, (64 << bits) + extra)) * rng.uniform(1e-3, 10)).astype(np.float32)
+    if seed % 3 == 0:
+        w = np.round(w * 8) / 8  # exact grid hits and ties
+    objective = 1 if lp2 else 0  # "lp" with p = 2 is the mse path
+    want = core_search(w, bits, symmetric=symmetric, grid=grid, objective=objective, reference=True)
+    for isa in ISAS:
+        got = core_search(w, bits, symmetric=symmetric, grid=grid, objective=objective, isa=isa)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_binned_screening_thread_invariance():
+    w = weights_like((9, 1100), 3)
+    base = pq.scale_search(w, 4, num_threads=1)
+    for t in (2, 3, 7):
+        got = pq.scale_search(w, 4, num_threads=t)
+        np.testing.assert_array_equal(got[0], base[0])
+        np.testing.assert_array_equal(got[1], base[1])
+
+
 def test_reciprocal_quotient_is_the_float32_quotient():
     """The SIMD paths compute x / s as float32(float64(x) * (1 / float64(s))): check it on halfway values."""
     rng = np.random.default_rng(0)
