@@ -354,7 +354,9 @@ inline std::vector<double> centroids_of(const Points& P, std::size_t k, Method m
     for (std::size_t c = 0; c < k; ++c) mu[c] = P.v[std::min(c, n - 1)];
     return mu;
   }
-  if (method == Method::optimal) {
+  // Fast on data no larger than its summary would be: the exact DP is the cheaper route.
+  const bool summary_is_data = 2 * k * k <= kDpBudget && n <= std::max<std::size_t>(kGroupsPerCluster * k, 256);
+  if (method == Method::optimal || summary_is_data) {
     std::vector<std::size_t> bounds(k + 1);
     OptimalPartitioner(P.prefix()).solve(k, bounds.data());
     for (std::size_t c = 0; c < k; ++c) mu[c] = P.mean(bounds[c], bounds[c + 1]);
