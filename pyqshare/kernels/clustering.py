@@ -35,13 +35,17 @@ def kmeans1d(x, k, *, axis=None, sample_weight=None, method="fast", num_threads=
         influence the centroids but still get labels. If every weight of a clustering is zero it is treated
         like an empty clustering.
     method : {"fast", "optimal"}, optional
-        ``"optimal"``: the globally optimal 1-D clustering (the optimum Ckmeans.1d.dp computes, within float
-        rounding) in O(k n) time after an O(n) sort and O(n) extra memory, so large k on large inputs stays
-        within memory. ``"fast"`` (default): summarises the values (a sorted copy for small inputs and
-        weighted inputs, a fine histogram of ``x - median`` for large ones), solves the exact DP on the
-        summary, runs Lloyd iterations exact on the summary until assignments are stable, then one Lloyd
-        step over all values. On weight-like data it lands within 0.01% of the optimal inertia. For
-        k > 2048 the DP start is replaced by a density-based split (still a local optimum, no such bound).
+        ``"optimal"``: the globally optimal 1-D clustering (the optimum Ckmeans.1d.dp and kmeans1d compute,
+        within float rounding): a sort, then a dynamic programme over the distinct values with one linear
+        (SMAWK) row-minima pass per cluster, O(k n) time, and O(n) extra memory whatever k (checkpoints
+        instead of a k x n table), so k=256 on 16M values fits in memory. ``"fast"`` (default): summarises
+        the values (a sorted copy below 2^19 values or with ``sample_weight``; above, a histogram of 2^20
+        bins 2^-11 relative wide around the median, each bin kept at its exact mean), solves the exact DP
+        on about 32 summary groups per cluster, re-optimises the boundaries exactly within windows around
+        them, runs Lloyd iterations (exact on the summary) until assignments are stable, and labels all
+        values in one pass. On weight-like data it lands within 0.01% of the optimal inertia (measured on
+        Student-t data and transformer weights). For k > 2048 a density-based split replaces the DP start
+        (the result is still a Lloyd fixed point of the summary, without that bound).
     num_threads : int or None, optional
         Threads to use (default: :func:`pyqshare.set_num_threads`). With ``axis`` given, clusterings run in
         parallel; with ``axis=None`` the passes over the data do. Results are bit-identical for any value.
