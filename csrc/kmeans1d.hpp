@@ -1,6 +1,7 @@
 // 1-D k-means: the globally optimal clustering (sort + linear-per-layer DP) and a fast one (a summary of the
-// data -> DP on the summary -> Lloyd iterations that are exact on the summary -> one exact pass over the
-// full data). Plain functions over caller-owned memory; see kmeans1d_dp.hpp for the DP itself.
+// data -> exact DP on summary groups -> exact DP within windows around its boundaries -> Lloyd iterations,
+// exact on the summary -> one labelling pass over the data). Plain functions over caller-owned memory;
+// see kmeans1d_dp.hpp for the DP itself.
 #pragma once
 
 #include <algorithm>
