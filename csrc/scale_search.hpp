@@ -612,11 +612,12 @@ PYQSHARE_AVX2 inline double prefix_moments_avx2(const float* y, std::size_t n, d
   std::size_t k = 0;
   for (; k + 4 <= n; k += 4) {
     const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(y + k));
-    const __m256d s1 = _mm256_add_pd(c1, scan4_avx2(v)), s2 = _mm256_add_pd(c2, scan4_avx2(_mm256_mul_pd(v, v)));
-    _mm256_storeu_pd(p1 + k + 1, s1);
-    _mm256_storeu_pd(p2 + k + 1, s2);
-    c1 = _mm256_permute4x64_pd(s1, _MM_SHUFFLE(3, 3, 3, 3));
-    c2 = _mm256_permute4x64_pd(s2, _MM_SHUFFLE(3, 3, 3, 3));
+    const __m256d r1 = scan4_avx2(v), r2 = scan4_avx2(_mm256_mul_pd(v, v));
+    _mm256_storeu_pd(p1 + k + 1, _mm256_add_pd(c1, r1));
+    _mm256_storeu_pd(p2 + k + 1, _mm256_add_pd(c2, r2));
+    // The carry chain is one addition per four elements: the run totals do not depend on it.
+    c1 = _mm256_add_pd(c1, _mm256_permute4x64_pd(r1, _MM_SHUFFLE(3, 3, 3, 3)));
+    c2 = _mm256_add_pd(c2, _mm256_permute4x64_pd(r2, _MM_SHUFFLE(3, 3, 3, 3)));
     a = _mm256_add_pd(a, _mm256_andnot_pd(sign, v));
   }
   alignas(32) double lane[4];
@@ -629,6 +630,24 @@ PYQSHARE_AVX2 inline double prefix_moments_avx2(const float* y, std::size_t n, d
     abs_sum += std::fabs(v);
   }
   return abs_sum;
+}
+
+// The bin() of n values, eight per step.
+PYQSHARE_AVX2 inline void bin_indices_avx2(const float* x, std::size_t n, float origin, float inv_width, float top,
+                                           uint32_t* out) {
+  const __m256 o = _mm256_set1_ps(origin), inv = _mm256_set1_ps(inv_width), t = _mm256_set1_ps(top);
+  const __m256 zero = _mm256_setzero_ps();
+  std::size_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    // max_ps returns its second operand (0) for NaN, as bin() does.
+    const __m256 f = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + k), o), inv), zero), t);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm256_cvttps_epi32(f));
+  }
+  for (; k < n; ++k) {
+    float f = (x[k] - origin) * inv_width;
+    f = f > 0.0f ? f : 0.0f;
+    out[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+  }
 }
 #endif
 
@@ -645,10 +664,17 @@ inline void BinnedGroup::build(const float* x, std::size_t count, float xmin, fl
   const float o = origin, inv = inv_width, top = static_cast<float>(nbins - 1);
   uint32_t* __restrict bins_out = bin_of.data();
   uint32_t* __restrict first = start.data();
-  for (std::size_t k = 0; k < n; ++k) {
-    float f = (x[k] - o) * inv;  // as bin()
-    f = f > 0.0f ? f : 0.0f;
-    bins_out[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+#ifdef PYQSHARE_QUANT_X86
+  if (isa != Isa::kPortable) {
+    bin_indices_avx2(x, n, o, inv, top, bins_out);
+  } else
+#endif
+  {
+    for (std::size_t k = 0; k < n; ++k) {
+      float f = (x[k] - o) * inv;  // as bin()
+      f = f > 0.0f ? f : 0.0f;
+      bins_out[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+    }
   }
   for (std::size_t k = 0; k < n; ++k) ++first[bins_out[k] + 1];
   uint32_t total = 0;
@@ -665,7 +691,6 @@ inline void BinnedGroup::build(const float* x, std::size_t count, float xmin, fl
     return;
   }
 #endif
-  (void)isa;
   abs_sum = prefix_moments_scalar(grouped.data(), n, p1.data(), p2.data());
 }
 
@@ -814,12 +839,121 @@ PYQSHARE_AVX2 inline ScreenedError binned_mse_avx2(BinnedGroup& bg, const Candid
 }
 #endif
 
-// The error of candidate c from the bins (see BinnedGroup), with its rounding radius.
-inline ScreenedError binned_mse(BinnedGroup& bg, const Candidate& c, Isa isa) {
 #ifdef PYQSHARE_QUANT_X86
+// Squared errors of the window grouped[a, b) added into acc: eight elements per masked step, so the
+// usual window (zero to a few elements) costs one step and no data-dependent branch.
+PYQSHARE_AVX512 inline __m512d window_error_avx512(const float* y, int32_t a, int32_t b, __m512d inv_s, __m256 scale,
+                                                   __m256 lo, __m256 hi, __m512d acc) {
+  for (int32_t e = a;; e += 8) {
+    const int32_t rest = b - e;
+    const __mmask16 m = static_cast<__mmask16>(rest >= 8 ? 0xFF : (1u << std::max(rest, 0)) - 1);
+    const __m512d yv = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps(m, y + e)));
+    const __m512d deq = _mm512_cvtps_pd(_mm256_mul_ps(offset_code_avx512(yv, inv_s, lo, hi), scale));
+    const __m512d d = _mm512_sub_pd(yv, deq);
+    acc = _mm512_fmadd_pd(d, d, acc);  // masked-out lanes: y = 0 has code 0 and d = 0
+    if (rest <= 8) return acc;
+  }
+}
+
+// binned_mse_avx2 with sixteen boundaries and cells per vector, kept in registers. The cells come first:
+// their sum alone bounds the error from below (window terms are squares), so a candidate whose cells
+// already lose against `abandon_above` is dropped before its windows (returned value HUGE_VAL).
+PYQSHARE_AVX512 inline ScreenedError binned_mse_avx512(BinnedGroup& bg, const Candidate& c, double abandon_above) {
+  const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1, n_bounds = n_cells - 1;
+  const std::size_t padded = (n_cells + 15) & ~std::size_t{15};
+  if (bg.first.size() < padded) {
+    bg.first.resize(padded);
+    bg.last.resize(padded);
+  }
+  int32_t* window_start = bg.first.data();
+  int32_t* window_end = bg.last.data();
+  const __m512d s = _mm512_set1_pd(c.scale), tiny = _mm512_set1_pd(0x1p-148), rel = _mm512_set1_pd(0x1p-19);
+  const __m512d fmax = _mm512_set1_pd(FLT_MAX), fmin = _mm512_set1_pd(-FLT_MAX), inf = _mm512_set1_pd(HUGE_VAL);
+  const __m512d step = _mm512_setr_pd(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512 origin = _mm512_set1_ps(bg.origin), inv = _mm512_set1_ps(bg.inv_width);
+  const __m512 top = _mm512_set1_ps(static_cast<float>(bg.nbins - 1)), zero = _mm512_setzero_ps();
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i n_vec = _mm512_set1_epi32(static_cast<int32_t>(bg.n));
+  const __m512i shift_in = _mm512_setr_epi32(15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+  const int* start = reinterpret_cast<const int*>(bg.start.data());
+  const double* p1 = bg.p1.data();
+  const double* p2 = bg.p2.data();
+  const __m512 scale_ps = _mm512_set1_ps(c.scale);
+  __m512d cells = _mm512_setzero_pd(), mag = cells;
+  __m512i carry = _mm512_setzero_si512();  // lane 15: the end of the last boundary window so far (0 at first)
+  for (std::size_t j = 0; j < padded; j += 16) {
+    // Boundary j + lane: first = start[bin(lower)], last = start[bin(upper) + 1]; past the last boundary n.
+    __m256 lower[2], upper[2];
+    for (int h = 0; h < 2; ++h) {
+      const double q0 = static_cast<double>(c.lo) + static_cast<double>(j + 8 * h) + 0.5;
+      const __m512d t = _mm512_mul_pd(_mm512_add_pd(_mm512_set1_pd(q0), step), s);
+      const __m512d margin = _mm512_add_pd(_mm512_mul_pd(_mm512_abs_pd(t), rel), tiny);
+      lower[h] = _mm512_cvtpd_ps(_mm512_min_pd(_mm512_sub_pd(t, margin), fmax));
+      const __m512d up = _mm512_max_pd(_mm512_add_pd(t, margin), fmin);
+      upper[h] = _mm512_cvtpd_ps(_mm512_mask_blend_pd(_mm512_cmp_pd_mask(up, fmax, _CMP_GT_OQ), up, inf));
+    }
+    const __m512 lw = _mm512_insertf32x8(_mm512_castps256_ps512(lower[0]), lower[1], 1);
+    const __m512 uw = _mm512_insertf32x8(_mm512_castps256_ps512(upper[0]), upper[1], 1);
+    // bin(): max_ps returns its second operand (0) for NaN, as bin() does.
+    const __m512i bl = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(lw, origin), inv), zero), top));
+    const __m512i bu = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(uw, origin), inv), zero), top));
+    const __mmask16 real = static_cast<__mmask16>(n_bounds - std::min(n_bounds, j) >= 16 ? 0xFFFF : (1u << (n_bounds - j)) - 1);
+    const __m512i first = _mm512_mask_i32gather_epi32(n_vec, real, bl, start, 4);
+    const __m512i last = _mm512_mask_i32gather_epi32(n_vec, real, bu, start + 1, 4);
+    // Cell j + lane runs over [last of boundary j + lane - 1, max(first, that)): last[] is non-decreasing.
+    const __m512i cell_lo = _mm512_permutex2var_epi32(last, shift_in, carry);
+    const __m512i cell_lo_fixed = _mm512_mask_mov_epi32(cell_lo, 1, _mm512_permutexvar_epi32(_mm512_set1_epi32(15), carry));
+    const __m512i cell_hi = _mm512_max_epi32(first, cell_lo_fixed);
+    carry = last;
+    _mm512_storeu_si512(window_start + j, cell_hi);
+    _mm512_storeu_si512(window_end + j, last);
+    const __m512 q = _mm512_add_ps(_mm512_set1_ps(c.lo + static_cast<float>(j)), lanes);
+    const __m512 deq_ps = _mm512_mul_ps(q, scale_ps);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i lo_idx = h ? _mm512_extracti64x4_epi64(cell_lo_fixed, 1) : _mm512_castsi512_si256(cell_lo_fixed);
+      const __m256i hi_idx = h ? _mm512_extracti64x4_epi64(cell_hi, 1) : _mm512_castsi512_si256(cell_hi);
+      const __m512d deq = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(deq_ps, 1) : _mm512_castps512_ps256(deq_ps));
+      const __m512d s2 = _mm512_sub_pd(_mm512_i32gather_pd(hi_idx, p2, 8), _mm512_i32gather_pd(lo_idx, p2, 8));
+      const __m512d s1 = _mm512_sub_pd(_mm512_i32gather_pd(hi_idx, p1, 8), _mm512_i32gather_pd(lo_idx, p1, 8));
+      const __m512d cross = _mm512_mul_pd(_mm512_add_pd(deq, deq), s1);
+      const __m512d nd2 = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_sub_epi32(hi_idx, lo_idx)), _mm512_mul_pd(deq, deq));
+      cells = _mm512_add_pd(cells, _mm512_add_pd(_mm512_sub_pd(s2, cross), nd2));
+      mag = _mm512_add_pd(mag, _mm512_add_pd(_mm512_add_pd(s2, _mm512_abs_pd(cross)), nd2));
+    }
+  }
+  ScreenedError r;
+  const double cell_sum = _mm512_reduce_add_pd(cells), mag_sum = _mm512_reduce_add_pd(mag);
+  if (cell_sum - binned_radius(bg, c, cell_sum, mag_sum, 0.0, n_cells, 0) > abandon_above) {
+    r.value = HUGE_VAL;
+    return r;
+  }
+  // Windows [cell end j, last of boundary j) may hold either code: element by element.
+  const __m512d inv_s = _mm512_set1_pd(1.0 / static_cast<double>(c.scale));
+  const __m256 scale8 = _mm256_set1_ps(c.scale), lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
+  const float* y = bg.grouped.data();
+  __m512d acc = _mm512_setzero_pd();
+  std::size_t n_window = 0;
+  for (std::size_t j = 0; j < n_bounds; ++j) {
+    const int32_t a = window_start[j], b = window_end[j];
+    acc = window_error_avx512(y, a, b, inv_s, scale8, lo, hi, acc);
+    n_window += static_cast<std::size_t>(b - a);
+  }
+  const double elems = _mm512_reduce_add_pd(acc);
+  r.value = cell_sum + elems;
+  r.radius = binned_radius(bg, c, r.value, mag_sum, elems, n_cells, n_window);
+  return r;
+}
+#endif
+
+// The error of candidate c from the bins (see BinnedGroup), with its rounding radius. A candidate that
+// provably has a larger error than `abandon_above` may come back as HUGE_VAL instead.
+inline ScreenedError binned_mse(BinnedGroup& bg, const Candidate& c, Isa isa, double abandon_above) {
+#ifdef PYQSHARE_QUANT_X86
+  if (isa == Isa::kAvx512) return binned_mse_avx512(bg, c, abandon_above);
   if (isa != Isa::kPortable) return binned_mse_avx2(bg, c);
 #endif
   (void)isa;
+  (void)abandon_above;
   return binned_mse_scalar(bg, c);
 }
 
@@ -887,8 +1021,9 @@ inline bool use_bins(const GroupData& g, const SearchConfig& cfg) {
   return cfg.squared() && !g.w && cfg.bits <= 12 && g.n >= (std::size_t{64} << cfg.bits) && g.n <= (std::size_t{1} << 20);
 }
 
-// About one element per bin: few elements per straddling bin, and the per-bin work stays O(n).
-inline std::size_t bin_count(std::size_t n) { return std::max<std::size_t>(1, n); }
+// About four elements per bin: a straddling bin still fits one eight-element window step, and the bin
+// prefix and cursors cost a quarter of the elements.
+inline std::size_t bin_count(std::size_t n) { return std::max<std::size_t>(1, n / 4); }
 
 // Groups up to this size screen every candidate at once instead of pruning candidate by candidate.
 constexpr std::size_t kSmallGroup = 512;
@@ -976,7 +1111,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     double best_upper = HUGE_VAL;
     for (int i : sc.order) {
       if (sc.bound[i] > best_upper) continue;
-      sc.screened[i] = binned_mse(sc.bins, sc.cand[i], isa);
+      sc.screened[i] = binned_mse(sc.bins, sc.cand[i], isa, best_upper);
       best_upper = std::min(best_upper, sc.screened[i].value + sc.screened[i].radius);
     }
     sc.order.clear();
