@@ -291,6 +291,33 @@ PYQSHARE_AVX512 inline void refine_sums_avx512(const GroupData& g, const Candida
   den = lanes_sum_avx512(d0, d1);
 }
 
+// Errors of n_cand candidates on a few elements (squared objective), eight candidates per vector. Each
+// element's difference is the one eval_mse_avx512 computes; only the summation order differs.
+PYQSHARE_AVX512 inline void top_errors_avx512(const GroupData& g, const Candidate* cand, int n_cand, double* out) {
+  for (int c0 = 0; c0 < n_cand; c0 += 8) {
+    alignas(64) double inv_l[8];
+    alignas(32) float scale_l[8], lo_l[8], hi_l[8];
+    for (int j = 0; j < 8; ++j) {
+      const Candidate& c = cand[std::min(c0 + j, n_cand - 1)];
+      inv_l[j] = 1.0 / static_cast<double>(c.scale);
+      scale_l[j] = c.scale;
+      lo_l[j] = c.lo;
+      hi_l[j] = c.hi;
+    }
+    const __m512d inv = _mm512_load_pd(inv_l);
+    const __m256 scale = _mm256_load_ps(scale_l), lo = _mm256_load_ps(lo_l), hi = _mm256_load_ps(hi_l);
+    __m512d acc = _mm512_setzero_pd();
+    for (std::size_t k = 0; k < g.n; ++k) {
+      const __m512d xv = _mm512_set1_pd(g.xd[k]);
+      const __m512d d = _mm512_sub_pd(xv, _mm512_cvtps_pd(_mm256_mul_ps(offset_code_avx512(xv, inv, lo, hi), scale)));
+      acc = _mm512_fmadd_pd(g.w ? _mm512_mul_pd(_mm512_set1_pd(g.w[k]), d) : d, d, acc);
+    }
+    alignas(64) double sum[8];
+    _mm512_store_pd(sum, acc);
+    for (int j = 0; j < 8 && c0 + j < n_cand; ++j) out[c0 + j] = sum[j];
+  }
+}
+
 // Screening: a float32 version of the mse sum (x * (1/scale) in float32, fused x - q*scale, float32
 // lanes) that is 3-5x cheaper than the exact sum. It only decides abandonment: it returns true once its
 // prefix sum exceeds `threshold`, which ScreenBound sets so that this proves the exact error exceeds the
@@ -573,6 +600,12 @@ struct BinnedGroup {
   }
 
   void build(const float* x, std::size_t count, float xmin, float xmax, std::size_t bins, Isa isa);
+
+  // Writes k (<= n) elements taken from both ends of the value order, larger |y| first.
+  void extremes(std::size_t k, float* out) const {
+    std::size_t lo = 0, hi = n;
+    for (std::size_t j = 0; j < k; ++j) out[j] = std::fabs(grouped[lo]) >= std::fabs(grouped[hi - 1]) ? grouped[lo++] : grouped[--hi];
+  }
 };
 
 // Prefix sums of y and y^2 (p[k] over y[0, k)) and sum |y|: every term passes through at most n / 4 + 10
@@ -1064,8 +1097,10 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   sc.estimate.resize(n_cand);
   sc.order.resize(n_cand);
   std::iota(sc.order.begin(), sc.order.end(), 0);
+  const bool screened_all = screen.enabled && g.n <= kSmallGroup;
+  const bool binned = !screened_all && use_bins(g, cfg);
 #ifdef PYQSHARE_QUANT_X86
-  if (screen.enabled && g.n <= kSmallGroup) {
+  if (screened_all) {
     // Screening sums of all candidates: their order is the evaluation order, and they prune below.
     sc.screen_sum.resize(n_cand);
     screen_candidates_avx2(g, sc.w32, sc.cand.data(), n_cand, sc.screen_sum.data());
@@ -1078,32 +1113,45 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   {
     // Lower bound of every candidate: its exact error on the largest elements alone. Summation order
     // differs from the full sum, so a relative margin covers the rounding of both sums.
-    largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
-    GroupData top;
-    top.n = sc.top.size();
-    for (std::size_t j = 0; j < top.n; ++j) {
-      sc.top_x[j] = g.x[sc.top[j]];
-      sc.top_xd[j] = g.xd[sc.top[j]];
-      sc.top_w[j] = g.w ? g.w[sc.top[j]] : 1.0;
+    if (binned) {
+      // The bins hold the group in value order (up to the order inside a bin): the ends hold the
+      // largest |x| (any subset gives a valid bound), without another pass over the group.
+      sc.bins.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), bin_count(g.n), isa);
+      sc.bins.extremes(kLanes, sc.top_x);
+      for (std::size_t j = 0; j < kLanes; ++j) sc.top_xd[j] = sc.top_x[j];
+    } else {
+      largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
+      for (std::size_t j = 0; j < sc.top.size(); ++j) {
+        sc.top_x[j] = g.x[sc.top[j]];
+        sc.top_xd[j] = g.xd[sc.top[j]];
+        sc.top_w[j] = g.w ? g.w[sc.top[j]] : 1.0;
+      }
     }
+    GroupData top;
+    top.n = binned ? kLanes : sc.top.size();
     top.x = sc.top_x;
     top.xd = sc.top_xd;
     top.w = g.w ? sc.top_w : nullptr;
     const double margin = 1.0 - (1e-9 + 4.0 * static_cast<double>(g.n) * DBL_EPSILON);
+#ifdef PYQSHARE_QUANT_X86
+    if (isa == Isa::kAvx512 && cfg.squared()) {
+      top_errors_avx512(top, sc.cand.data(), n_cand, sc.bound.data());
+    } else
+#endif
+    {
+      for (int i = 0; i < n_cand; ++i) sc.bound[i] = top.n ? evaluate(top, sc.cand[i], cfg, isa).error : 0.0;
+    }
     // Expected rounding error of one in-range element with unit weight: E|U|^p, U uniform in +-scale/2.
     const double p = cfg.squared() ? 2.0 : cfg.p;
     for (int i = 0; i < n_cand; ++i) {
-      sc.bound[i] = top.n ? evaluate(top, sc.cand[i], cfg, isa).error * margin : 0.0;
+      sc.bound[i] *= margin;
       const double half = 0.5 * sc.cand[i].scale;
       sc.estimate[i] = sc.bound[i] + in_range_weight * (p == 2.0 ? half * half : std::pow(half, p)) / (p + 1.0);
     }
   }
-  const bool screened_all = screen.enabled && g.n <= kSmallGroup;
-  const bool binned = !screened_all && use_bins(g, cfg);
   if (binned) {
     // Screen candidates by estimate, pruning by the lower bound; then only those whose screened error can
     // still be the smallest are evaluated exactly, smallest screened error first.
-    sc.bins.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), bin_count(g.n), isa);
     std::sort(sc.order.begin(), sc.order.end(), [&](int a, int b) {
       return sc.estimate[a] < sc.estimate[b] || (sc.estimate[a] == sc.estimate[b] && a < b);
     });
