@@ -231,27 +231,44 @@ PYQSHARE_AVX512 inline __m256 offset_code_avx512(__m512d xv, __m512d inv, __m256
   return _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-// Eight elements (those in mask m) into one lane vector.
+// Lane sums of w*q*x and w*q*q of one candidate (q: its offset codes), as refine_sums_scalar defines them.
+struct RefineSums {
+  double num = 0.0, den = 0.0;
+  bool valid = false;
+};
+
+// Eight elements (those in mask m) into one lane vector; with kSums also into the refinement lane sums.
+template <bool kSums>
 PYQSHARE_AVX512 inline __m512d mse_step_avx512(const double* xd, const double* w, __mmask8 m, __m512d inv,
-                                               __m256 scale, __m256 lo, __m256 hi, __m512d acc) {
+                                               __m256 scale, __m256 lo, __m256 hi, __m512d acc, __m512d& num,
+                                               __m512d& den) {
   const __m512d xv = _mm512_maskz_loadu_pd(m, xd);
-  const __m256 deq = _mm256_mul_ps(offset_code_avx512(xv, inv, lo, hi), scale);
-  const __m512d d = _mm512_sub_pd(xv, _mm512_cvtps_pd(deq));
-  return _mm512_fmadd_pd(w ? _mm512_mul_pd(_mm512_maskz_loadu_pd(m, w), d) : d, d, acc);
+  const __m256 q = offset_code_avx512(xv, inv, lo, hi);
+  const __m512d d = _mm512_sub_pd(xv, _mm512_cvtps_pd(_mm256_mul_ps(q, scale)));
+  const __m512d wv = w ? _mm512_maskz_loadu_pd(m, w) : _mm512_setzero_pd();
+  if (kSums) {
+    const __m512d qd = _mm512_cvtps_pd(q);
+    const __m512d wq = w ? _mm512_mul_pd(wv, qd) : qd;
+    num = _mm512_fmadd_pd(wq, xv, num);
+    den = _mm512_fmadd_pd(wq, qd, den);
+  }
+  return _mm512_fmadd_pd(w ? _mm512_mul_pd(wv, d) : d, d, acc);
 }
 
+// With kSums, a complete evaluation also leaves the candidate's refinement sums: no second pass for them.
+template <bool kSums>
 PYQSHARE_AVX512 inline EvalResult eval_mse_avx512(const GroupData& g, const Candidate& c, double bound,
-                                                  bool ties_lose) {
+                                                  bool ties_lose, RefineSums* sums) {
   const __m512d inv = _mm512_set1_pd(1.0 / static_cast<double>(c.scale));
   const __m256 scale = _mm256_set1_ps(c.scale), lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
-  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = acc0, n0 = acc0, n1 = acc0, d0 = acc0, d1 = acc0;
   const std::size_t n16 = g.n - g.n % kLanes;
   std::size_t k = 0;
   while (k < n16) {
     const std::size_t stop = std::min(n16, k + kCheckEvery);
     for (; k < stop; k += kLanes) {
-      acc0 = mse_step_avx512(g.xd + k, g.w ? g.w + k : nullptr, 0xFF, inv, scale, lo, hi, acc0);
-      acc1 = mse_step_avx512(g.xd + k + 8, g.w ? g.w + k + 8 : nullptr, 0xFF, inv, scale, lo, hi, acc1);
+      acc0 = mse_step_avx512<kSums>(g.xd + k, g.w ? g.w + k : nullptr, 0xFF, inv, scale, lo, hi, acc0, n0, d0);
+      acc1 = mse_step_avx512<kSums>(g.xd + k + 8, g.w ? g.w + k + 8 : nullptr, 0xFF, inv, scale, lo, hi, acc1, n1, d1);
     }
     if (k < g.n) {
       const double partial = lanes_sum_avx512(acc0, acc1);
@@ -262,33 +279,15 @@ PYQSHARE_AVX512 inline EvalResult eval_mse_avx512(const GroupData& g, const Cand
     const unsigned rest = static_cast<unsigned>(g.n - k);
     const __mmask8 m0 = static_cast<__mmask8>(rest >= 8 ? 0xFF : (1u << rest) - 1);
     const __mmask8 m1 = static_cast<__mmask8>(rest > 8 ? (1u << (rest - 8)) - 1 : 0);
-    acc0 = mse_step_avx512(g.xd + k, g.w ? g.w + k : nullptr, m0, inv, scale, lo, hi, acc0);
-    acc1 = mse_step_avx512(g.xd + k + 8, g.w ? g.w + k + 8 : nullptr, m1, inv, scale, lo, hi, acc1);
+    acc0 = mse_step_avx512<kSums>(g.xd + k, g.w ? g.w + k : nullptr, m0, inv, scale, lo, hi, acc0, n0, d0);
+    acc1 = mse_step_avx512<kSums>(g.xd + k + 8, g.w ? g.w + k + 8 : nullptr, m1, inv, scale, lo, hi, acc1, n1, d1);
+  }
+  if (kSums) {
+    sums->num = lanes_sum_avx512(n0, n1);
+    sums->den = lanes_sum_avx512(d0, d1);
+    sums->valid = true;
   }
   return {lanes_sum_avx512(acc0, acc1), true};
-}
-
-// Lane sums of w*q*x and w*q*q for the refinement (q: offset codes), as refine_sums_scalar defines them.
-PYQSHARE_AVX512 inline void refine_sums_avx512(const GroupData& g, const Candidate& c, double& num, double& den) {
-  const __m512d inv = _mm512_set1_pd(1.0 / static_cast<double>(c.scale));
-  const __m256 lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
-  __m512d n0 = _mm512_setzero_pd(), n1 = n0, d0 = n0, d1 = n0;
-  for (std::size_t k = 0; k < g.n; k += kLanes) {
-    const unsigned rest = static_cast<unsigned>(std::min<std::size_t>(g.n - k, kLanes));
-    const __mmask8 m0 = static_cast<__mmask8>(rest >= 8 ? 0xFF : (1u << rest) - 1);
-    const __mmask8 m1 = static_cast<__mmask8>(rest > 8 ? (rest == 16 ? 0xFF : (1u << (rest - 8)) - 1) : 0);
-    const __m512d x0 = _mm512_maskz_loadu_pd(m0, g.xd + k), x1 = _mm512_maskz_loadu_pd(m1, g.xd + k + 8);
-    const __m512d q0 = _mm512_cvtps_pd(offset_code_avx512(x0, inv, lo, hi));
-    const __m512d q1 = _mm512_cvtps_pd(offset_code_avx512(x1, inv, lo, hi));
-    const __m512d wq0 = g.w ? _mm512_mul_pd(_mm512_maskz_loadu_pd(m0, g.w + k), q0) : q0;
-    const __m512d wq1 = g.w ? _mm512_mul_pd(_mm512_maskz_loadu_pd(m1, g.w + k + 8), q1) : q1;
-    n0 = _mm512_fmadd_pd(wq0, x0, n0);
-    n1 = _mm512_fmadd_pd(wq1, x1, n1);
-    d0 = _mm512_fmadd_pd(wq0, q0, d0);
-    d1 = _mm512_fmadd_pd(wq1, q1, d1);
-  }
-  num = lanes_sum_avx512(n0, n1);
-  den = lanes_sum_avx512(d0, d1);
 }
 
 // Errors of n_cand candidates on a few elements (squared objective), eight candidates per vector. Each
@@ -483,11 +482,17 @@ inline Isa resolve_isa(Isa requested) {
   return static_cast<int>(requested) <= static_cast<int>(best) ? requested : best;
 }
 
+// `sums` (optional) receives the candidate's refinement sums where the kernel computes them on the way.
 inline EvalResult evaluate(const GroupData& g, const Candidate& c, const SearchConfig& cfg, Isa isa,
-                           double bound = std::numeric_limits<double>::infinity(), bool ties_lose = false) {
+                           double bound = std::numeric_limits<double>::infinity(), bool ties_lose = false,
+                           RefineSums* sums = nullptr) {
+  if (sums) sums->valid = false;
   if (cfg.squared()) {
 #ifdef PYQSHARE_QUANT_X86
-    if (isa == Isa::kAvx512) return eval_mse_avx512(g, c, bound, ties_lose);
+    if (isa == Isa::kAvx512) {
+      return sums ? eval_mse_avx512<true>(g, c, bound, ties_lose, sums)
+                  : eval_mse_avx512<false>(g, c, bound, ties_lose, nullptr);
+    }
     if (isa == Isa::kAvx2) return eval_mse_avx2(g, c, bound, ties_lose);
 #endif
   }
@@ -508,18 +513,11 @@ inline void refine_sums_scalar(const GroupData& g, const Candidate& c, double& n
 }
 
 // Least-squares scale for the winner's codes with its zero point kept; replaces it when not worse.
+// `known`: the winner's sums when its evaluation produced them (equal to refine_sums_scalar's).
 inline Candidate refine(const GroupData& g, const Candidate& best, double best_error, const SearchConfig& cfg,
-                        Isa isa) {
-  double num = 0.0, den = 0.0;
-#ifdef PYQSHARE_QUANT_X86
-  if (isa == Isa::kAvx512) {
-    refine_sums_avx512(g, best, num, den);
-  } else {
-    refine_sums_scalar(g, best, num, den);
-  }
-#else
-  refine_sums_scalar(g, best, num, den);
-#endif
+                        Isa isa, const RefineSums& known = RefineSums()) {
+  double num = known.num, den = known.den;
+  if (!known.valid) refine_sums_scalar(g, best, num, den);
   if (!(den > 0.0)) return best;
   const double s = num / den;
   if (!(s > 0.0) || !std::isfinite(s)) return best;
@@ -1181,6 +1179,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
 
   int best = n_cand;  // none yet
   double best_error = HUGE_VAL;
+  RefineSums sums, best_sums;
   for (int i : sc.order) {
     if (best < n_cand) {
       if (sc.bound[i] > best_error) continue;
@@ -1194,15 +1193,16 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
       }
     }
     const bool ties_lose = i > best;
-    const EvalResult r = evaluate(g, sc.cand[i], cfg, isa, best_error, ties_lose);
+    const EvalResult r = evaluate(g, sc.cand[i], cfg, isa, best_error, ties_lose, cfg.refine ? &sums : nullptr);
     if (!r.complete) continue;
     if (best == n_cand || r.error < best_error || (r.error == best_error && i < best)) {
       best = i;
       best_error = r.error;
+      best_sums = sums;
     }
   }
   Candidate winner = sc.cand[best];
-  if (cfg.refine) winner = refine(g, winner, best_error, cfg, isa);
+  if (cfg.refine) winner = refine(g, winner, best_error, cfg, isa, best_sums);
   return {winner.scale, winner.zero_point};
 }
 
