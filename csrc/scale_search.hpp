@@ -1056,6 +1056,24 @@ inline bool use_bins(const GroupData& g, const SearchConfig& cfg) {
 // prefix and cursors cost a quarter of the elements.
 inline std::size_t bin_count(std::size_t n) { return std::max<std::size_t>(1, n / 4); }
 
+// The candidates outward from the one with the smallest estimate, the two sides merged by estimate: the
+// error is roughly unimodal in the index, so this is close to sorting by estimate at a fraction of the cost.
+// (Only the amount of pruning depends on the order, never the result.)
+inline void order_outward(const std::vector<double>& estimate, std::vector<int>& order) {
+  const int n = static_cast<int>(estimate.size());
+  order.clear();
+  if (n == 0) return;
+  const int center = static_cast<int>(std::min_element(estimate.begin(), estimate.end()) - estimate.begin());
+  order.push_back(center);
+  for (int lo = center - 1, hi = center + 1; lo >= 0 || hi < n;) {
+    if (hi < n && (lo < 0 || estimate[hi] <= estimate[lo])) {
+      order.push_back(hi++);
+    } else {
+      order.push_back(lo--);
+    }
+  }
+}
+
 // Groups up to this size screen every candidate at once instead of pruning candidate by candidate.
 constexpr std::size_t kSmallGroup = 512;
 
@@ -1150,9 +1168,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   if (binned) {
     // Screen candidates by estimate, pruning by the lower bound; then only those whose screened error can
     // still be the smallest are evaluated exactly, smallest screened error first.
-    std::sort(sc.order.begin(), sc.order.end(), [&](int a, int b) {
-      return sc.estimate[a] < sc.estimate[b] || (sc.estimate[a] == sc.estimate[b] && a < b);
-    });
+    order_outward(sc.estimate, sc.order);
     sc.screened.assign(n_cand, ScreenedError{HUGE_VAL, 0.0});
     double best_upper = HUGE_VAL;
     for (int i : sc.order) {
@@ -1172,9 +1188,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     const auto first = std::min_element(sc.estimate.begin(), sc.estimate.end()) - sc.estimate.begin();
     std::rotate(sc.order.begin(), sc.order.begin() + first, sc.order.begin() + first + 1);
   } else {
-    std::sort(sc.order.begin(), sc.order.end(), [&](int a, int b) {
-      return sc.estimate[a] < sc.estimate[b] || (sc.estimate[a] == sc.estimate[b] && a < b);
-    });
+    order_outward(sc.estimate, sc.order);
   }
 
   int best = n_cand;  // none yet
