@@ -905,7 +905,9 @@ PYQSHARE_AVX512 inline ScreenedError binned_mse_avx512(BinnedGroup& bg, const Ca
   const __m512 top = _mm512_set1_ps(static_cast<float>(bg.nbins - 1)), zero = _mm512_setzero_ps();
   const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i n_vec = _mm512_set1_epi32(static_cast<int32_t>(bg.n));
-  const __m512i shift_in = _mm512_setr_epi32(15, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+  // Lane 0 takes the carry's lane 15 (index 31: the second table), lane L > 0 last's lane L - 1.
+  const __m512i shift_in = _mm512_setr_epi32(31, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+  const __m512 top_code = _mm512_set1_ps(c.hi);
   const int* start = reinterpret_cast<const int*>(bg.start.data());
   const double* p1 = bg.p1.data();
   const double* p2 = bg.p2.data();
@@ -933,15 +935,15 @@ PYQSHARE_AVX512 inline ScreenedError binned_mse_avx512(BinnedGroup& bg, const Ca
     const __m512i last = _mm512_mask_i32gather_epi32(n_vec, real, bu, start + 1, 4);
     // Cell j + lane runs over [last of boundary j + lane - 1, max(first, that)): last[] is non-decreasing.
     const __m512i cell_lo = _mm512_permutex2var_epi32(last, shift_in, carry);
-    const __m512i cell_lo_fixed = _mm512_mask_mov_epi32(cell_lo, 1, _mm512_permutexvar_epi32(_mm512_set1_epi32(15), carry));
-    const __m512i cell_hi = _mm512_max_epi32(first, cell_lo_fixed);
+    const __m512i cell_hi = _mm512_max_epi32(first, cell_lo);
     carry = last;
     _mm512_storeu_si512(window_start + j, cell_hi);
     _mm512_storeu_si512(window_end + j, last);
-    const __m512 q = _mm512_add_ps(_mm512_set1_ps(c.lo + static_cast<float>(j)), lanes);
+    // Padding cells past the last code are empty; their code is clamped so q * scale stays finite.
+    const __m512 q = _mm512_min_ps(_mm512_add_ps(_mm512_set1_ps(c.lo + static_cast<float>(j)), lanes), top_code);
     const __m512 deq_ps = _mm512_mul_ps(q, scale_ps);
     for (int h = 0; h < 2; ++h) {
-      const __m256i lo_idx = h ? _mm512_extracti64x4_epi64(cell_lo_fixed, 1) : _mm512_castsi512_si256(cell_lo_fixed);
+      const __m256i lo_idx = h ? _mm512_extracti64x4_epi64(cell_lo, 1) : _mm512_castsi512_si256(cell_lo);
       const __m256i hi_idx = h ? _mm512_extracti64x4_epi64(cell_hi, 1) : _mm512_castsi512_si256(cell_hi);
       const __m512d deq = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(deq_ps, 1) : _mm512_castps512_ps256(deq_ps));
       const __m512d s2 = _mm512_sub_pd(_mm512_i32gather_pd(hi_idx, p2, 8), _mm512_i32gather_pd(lo_idx, p2, 8));
