@@ -127,6 +127,12 @@ inline double element_diff(float x, const Candidate& c) {
   return static_cast<double>(x) - static_cast<double>(deq);
 }
 
+// Lane sums of w*q*x and w*q*q of one candidate (q: its offset codes), as refine_sums_scalar defines them.
+struct RefineSums {
+  double num = 0.0, den = 0.0;
+  bool valid = false;
+};
+
 struct EvalResult {
   double error;
   bool complete;  // false: abandoned, the error is known to lose against the bound
@@ -178,26 +184,38 @@ PYQSHARE_AVX2 inline __m128 offset_code_avx2(__m256d xv, __m256d inv, __m128 lo,
   return _mm_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-// Four elements into one lane vector.
+// Four elements into one lane vector; with kSums also into the refinement lane sums.
+template <bool kSums>
 PYQSHARE_AVX2 inline __m256d mse_step_avx2(const double* xd, const double* w, __m256d inv, __m128 scale,
-                                           __m128 lo, __m128 hi, __m256d acc) {
+                                           __m128 lo, __m128 hi, __m256d acc, __m256d& num, __m256d& den) {
   const __m256d xv = _mm256_loadu_pd(xd);
-  const __m128 deq = _mm_mul_ps(offset_code_avx2(xv, inv, lo, hi), scale);
-  const __m256d d = _mm256_sub_pd(xv, _mm256_cvtps_pd(deq));
+  const __m128 q = offset_code_avx2(xv, inv, lo, hi);
+  const __m256d d = _mm256_sub_pd(xv, _mm256_cvtps_pd(_mm_mul_ps(q, scale)));
+  if (kSums) {
+    const __m256d qd = _mm256_cvtps_pd(q);
+    const __m256d wq = w ? _mm256_mul_pd(_mm256_loadu_pd(w), qd) : qd;
+    num = _mm256_fmadd_pd(wq, xv, num);
+    den = _mm256_fmadd_pd(wq, qd, den);
+  }
   return _mm256_fmadd_pd(w ? _mm256_mul_pd(_mm256_loadu_pd(w), d) : d, d, acc);
 }
 
-PYQSHARE_AVX2 inline EvalResult eval_mse_avx2(const GroupData& g, const Candidate& c, double bound, bool ties_lose) {
+// With kSums, a complete evaluation also leaves the candidate's refinement sums (see eval_mse_avx512).
+template <bool kSums>
+PYQSHARE_AVX2 inline EvalResult eval_mse_avx2(const GroupData& g, const Candidate& c, double bound, bool ties_lose,
+                                              RefineSums* sums) {
   const __m256d inv = _mm256_set1_pd(1.0 / static_cast<double>(c.scale));
   const __m128 scale = _mm_set1_ps(c.scale), lo = _mm_set1_ps(c.lo), hi = _mm_set1_ps(c.hi);
-  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  __m256d acc[4], num[4], den[4];
+  for (int j = 0; j < 4; ++j) acc[j] = num[j] = den[j] = _mm256_setzero_pd();
   const std::size_t n16 = g.n - g.n % kLanes;
   std::size_t k = 0;
   while (k < n16) {
     const std::size_t stop = std::min(n16, k + kCheckEvery);
     for (; k < stop; k += kLanes) {
       for (int j = 0; j < 4; ++j) {
-        acc[j] = mse_step_avx2(g.xd + k + 4 * j, g.w ? g.w + k + 4 * j : nullptr, inv, scale, lo, hi, acc[j]);
+        acc[j] = mse_step_avx2<kSums>(g.xd + k + 4 * j, g.w ? g.w + k + 4 * j : nullptr, inv, scale, lo, hi, acc[j],
+                                      num[j], den[j]);
       }
     }
     if (k < g.n) {
@@ -213,8 +231,13 @@ PYQSHARE_AVX2 inline EvalResult eval_mse_avx2(const GroupData& g, const Candidat
       if (g.w) wt[j] = g.w[k + j];
     }
     for (int j = 0; j < 4; ++j) {
-      acc[j] = mse_step_avx2(xdt + 4 * j, g.w ? wt + 4 * j : nullptr, inv, scale, lo, hi, acc[j]);
+      acc[j] = mse_step_avx2<kSums>(xdt + 4 * j, g.w ? wt + 4 * j : nullptr, inv, scale, lo, hi, acc[j], num[j], den[j]);
     }
+  }
+  if (kSums) {
+    sums->num = lanes_sum_avx2(num);
+    sums->den = lanes_sum_avx2(den);
+    sums->valid = true;
   }
   return {lanes_sum_avx2(acc), true};
 }
@@ -230,12 +253,6 @@ PYQSHARE_AVX512 inline __m256 offset_code_avx512(__m512d xv, __m512d inv, __m256
   const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm512_cvtpd_ps(_mm512_mul_pd(xv, inv)), lo), hi);
   return _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
-
-// Lane sums of w*q*x and w*q*q of one candidate (q: its offset codes), as refine_sums_scalar defines them.
-struct RefineSums {
-  double num = 0.0, den = 0.0;
-  bool valid = false;
-};
 
 // Eight elements (those in mask m) into one lane vector; with kSums also into the refinement lane sums.
 template <bool kSums>
@@ -493,7 +510,10 @@ inline EvalResult evaluate(const GroupData& g, const Candidate& c, const SearchC
       return sums ? eval_mse_avx512<true>(g, c, bound, ties_lose, sums)
                   : eval_mse_avx512<false>(g, c, bound, ties_lose, nullptr);
     }
-    if (isa == Isa::kAvx2) return eval_mse_avx2(g, c, bound, ties_lose);
+    if (isa == Isa::kAvx2) {
+      return sums ? eval_mse_avx2<true>(g, c, bound, ties_lose, sums)
+                  : eval_mse_avx2<false>(g, c, bound, ties_lose, nullptr);
+    }
 #endif
   }
   return eval_scalar(g, c, cfg.p, cfg.squared(), bound, ties_lose);
@@ -806,8 +826,9 @@ inline ScreenedError binned_mse_scalar(const BinnedGroup& bg, const Candidate& c
 }
 
 #ifdef PYQSHARE_QUANT_X86
-// binned_mse_scalar with the thresholds, bins and cell moments of four boundaries per vector.
-PYQSHARE_AVX2 inline ScreenedError binned_mse_avx2(BinnedGroup& bg, const Candidate& c) {
+// binned_mse_scalar with the thresholds, bins and cell moments of four boundaries per vector; the cells come
+// first and may drop a sure loser before its windows, as in binned_mse_avx512.
+PYQSHARE_AVX2 inline ScreenedError binned_mse_avx2(BinnedGroup& bg, const Candidate& c, double abandon_above) {
   const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1, n_bounds = n_cells - 1;
   bg.first.resize(n_cells + 4);
   bg.last.resize(n_cells + 4);
@@ -843,6 +864,12 @@ PYQSHARE_AVX2 inline ScreenedError binned_mse_avx2(BinnedGroup& bg, const Candid
     const double nd2 = static_cast<double>(hi_idx - lo_idx) * deq * deq;
     cells += (s2 - cross) + nd2;
     mag += s2 + std::fabs(cross) + nd2;
+  }
+  // The cells alone bound the error from below (window terms are squares): drop a sure loser here.
+  if (cells - binned_radius(bg, c, cells, mag, 0.0, n_cells, 0) > abandon_above) {
+    ScreenedError lost;
+    lost.value = HUGE_VAL;
+    return lost;
   }
   // Windows [max(first[j], last[j - 1]), last[j]), four elements at a time.
   const __m256d inv_s = _mm256_set1_pd(1.0 / static_cast<double>(c.scale));
@@ -983,7 +1010,7 @@ PYQSHARE_AVX512 inline ScreenedError binned_mse_avx512(BinnedGroup& bg, const Ca
 inline ScreenedError binned_mse(BinnedGroup& bg, const Candidate& c, Isa isa, double abandon_above) {
 #ifdef PYQSHARE_QUANT_X86
   if (isa == Isa::kAvx512) return binned_mse_avx512(bg, c, abandon_above);
-  if (isa != Isa::kPortable) return binned_mse_avx2(bg, c);
+  if (isa != Isa::kPortable) return binned_mse_avx2(bg, c, abandon_above);
 #endif
   (void)isa;
   (void)abandon_above;
