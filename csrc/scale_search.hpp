@@ -71,10 +71,9 @@ struct GroupResult {
   int32_t zero_point = 0;
 };
 
-// The elements of one group in their defined order, as float32, float64 and optional weights.
+// The elements of one group in their defined order, and optional weights.
 struct GroupData {
   const float* x = nullptr;
-  const double* xd = nullptr;
   const double* w = nullptr;  // nullptr: every weight is 1
   std::size_t n = 0;
 };
@@ -186,9 +185,9 @@ PYQSHARE_AVX2 inline __m128 offset_code_avx2(__m256d xv, __m256d inv, __m128 lo,
 
 // Four elements into one lane vector; with kSums also into the refinement lane sums.
 template <bool kSums>
-PYQSHARE_AVX2 inline __m256d mse_step_avx2(const double* xd, const double* w, __m256d inv, __m128 scale,
+PYQSHARE_AVX2 inline __m256d mse_step_avx2(const float* x, const double* w, __m256d inv, __m128 scale,
                                            __m128 lo, __m128 hi, __m256d acc, __m256d& num, __m256d& den) {
-  const __m256d xv = _mm256_loadu_pd(xd);
+  const __m256d xv = _mm256_cvtps_pd(_mm_loadu_ps(x));
   const __m128 q = offset_code_avx2(xv, inv, lo, hi);
   const __m256d d = _mm256_sub_pd(xv, _mm256_cvtps_pd(_mm_mul_ps(q, scale)));
   if (kSums) {
@@ -214,7 +213,7 @@ PYQSHARE_AVX2 inline EvalResult eval_mse_avx2(const GroupData& g, const Candidat
     const std::size_t stop = std::min(n16, k + kCheckEvery);
     for (; k < stop; k += kLanes) {
       for (int j = 0; j < 4; ++j) {
-        acc[j] = mse_step_avx2<kSums>(g.xd + k + 4 * j, g.w ? g.w + k + 4 * j : nullptr, inv, scale, lo, hi, acc[j],
+        acc[j] = mse_step_avx2<kSums>(g.x + k + 4 * j, g.w ? g.w + k + 4 * j : nullptr, inv, scale, lo, hi, acc[j],
                                       num[j], den[j]);
       }
     }
@@ -225,13 +224,14 @@ PYQSHARE_AVX2 inline EvalResult eval_mse_avx2(const GroupData& g, const Candidat
   }
   if (k < g.n) {
     // The tail goes through zero-padded copies: padding contributes exactly +0 to its lanes.
-    alignas(32) double xdt[kLanes] = {}, wt[kLanes] = {};
+    alignas(32) float xt[kLanes] = {};
+    alignas(32) double wt[kLanes] = {};
     for (std::size_t j = 0; k + j < g.n; ++j) {
-      xdt[j] = g.xd[k + j];
+      xt[j] = g.x[k + j];
       if (g.w) wt[j] = g.w[k + j];
     }
     for (int j = 0; j < 4; ++j) {
-      acc[j] = mse_step_avx2<kSums>(xdt + 4 * j, g.w ? wt + 4 * j : nullptr, inv, scale, lo, hi, acc[j], num[j], den[j]);
+      acc[j] = mse_step_avx2<kSums>(xt + 4 * j, g.w ? wt + 4 * j : nullptr, inv, scale, lo, hi, acc[j], num[j], den[j]);
     }
   }
   if (kSums) {
@@ -256,10 +256,10 @@ PYQSHARE_AVX512 inline __m256 offset_code_avx512(__m512d xv, __m512d inv, __m256
 
 // Eight elements (those in mask m) into one lane vector; with kSums also into the refinement lane sums.
 template <bool kSums>
-PYQSHARE_AVX512 inline __m512d mse_step_avx512(const double* xd, const double* w, __mmask8 m, __m512d inv,
+PYQSHARE_AVX512 inline __m512d mse_step_avx512(const float* x, const double* w, __mmask8 m, __m512d inv,
                                                __m256 scale, __m256 lo, __m256 hi, __m512d acc, __m512d& num,
                                                __m512d& den) {
-  const __m512d xv = _mm512_maskz_loadu_pd(m, xd);
+  const __m512d xv = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps(m, x)));
   const __m256 q = offset_code_avx512(xv, inv, lo, hi);
   const __m512d d = _mm512_sub_pd(xv, _mm512_cvtps_pd(_mm256_mul_ps(q, scale)));
   const __m512d wv = w ? _mm512_maskz_loadu_pd(m, w) : _mm512_setzero_pd();
@@ -284,8 +284,8 @@ PYQSHARE_AVX512 inline EvalResult eval_mse_avx512(const GroupData& g, const Cand
   while (k < n16) {
     const std::size_t stop = std::min(n16, k + kCheckEvery);
     for (; k < stop; k += kLanes) {
-      acc0 = mse_step_avx512<kSums>(g.xd + k, g.w ? g.w + k : nullptr, 0xFF, inv, scale, lo, hi, acc0, n0, d0);
-      acc1 = mse_step_avx512<kSums>(g.xd + k + 8, g.w ? g.w + k + 8 : nullptr, 0xFF, inv, scale, lo, hi, acc1, n1, d1);
+      acc0 = mse_step_avx512<kSums>(g.x + k, g.w ? g.w + k : nullptr, 0xFF, inv, scale, lo, hi, acc0, n0, d0);
+      acc1 = mse_step_avx512<kSums>(g.x + k + 8, g.w ? g.w + k + 8 : nullptr, 0xFF, inv, scale, lo, hi, acc1, n1, d1);
     }
     if (k < g.n) {
       const double partial = lanes_sum_avx512(acc0, acc1);
@@ -296,8 +296,8 @@ PYQSHARE_AVX512 inline EvalResult eval_mse_avx512(const GroupData& g, const Cand
     const unsigned rest = static_cast<unsigned>(g.n - k);
     const __mmask8 m0 = static_cast<__mmask8>(rest >= 8 ? 0xFF : (1u << rest) - 1);
     const __mmask8 m1 = static_cast<__mmask8>(rest > 8 ? (1u << (rest - 8)) - 1 : 0);
-    acc0 = mse_step_avx512<kSums>(g.xd + k, g.w ? g.w + k : nullptr, m0, inv, scale, lo, hi, acc0, n0, d0);
-    acc1 = mse_step_avx512<kSums>(g.xd + k + 8, g.w ? g.w + k + 8 : nullptr, m1, inv, scale, lo, hi, acc1, n1, d1);
+    acc0 = mse_step_avx512<kSums>(g.x + k, g.w ? g.w + k : nullptr, m0, inv, scale, lo, hi, acc0, n0, d0);
+    acc1 = mse_step_avx512<kSums>(g.x + k + 8, g.w ? g.w + k + 8 : nullptr, m1, inv, scale, lo, hi, acc1, n1, d1);
   }
   if (kSums) {
     sums->num = lanes_sum_avx512(n0, n1);
@@ -324,7 +324,7 @@ PYQSHARE_AVX512 inline void top_errors_avx512(const GroupData& g, const Candidat
     const __m256 scale = _mm256_load_ps(scale_l), lo = _mm256_load_ps(lo_l), hi = _mm256_load_ps(hi_l);
     __m512d acc = _mm512_setzero_pd();
     for (std::size_t k = 0; k < g.n; ++k) {
-      const __m512d xv = _mm512_set1_pd(g.xd[k]);
+      const __m512d xv = _mm512_set1_pd(g.x[k]);
       const __m512d d = _mm512_sub_pd(xv, _mm512_cvtps_pd(_mm256_mul_ps(offset_code_avx512(xv, inv, lo, hi), scale)));
       acc = _mm512_fmadd_pd(g.w ? _mm512_mul_pd(_mm512_set1_pd(g.w[k]), d) : d, d, acc);
     }
@@ -438,9 +438,8 @@ PYQSHARE_AVX2 inline void screen_candidates_avx2(const GroupData& g, const float
   }
 }
 
-// Minimum, maximum and finiteness of x, and x widened to float64.
-PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, double* xd, float& lo_out, float& hi_out,
-                                       double& sum_sq) {
+// Minimum, maximum, finiteness and sum of squares of x.
+PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, float& lo_out, float& hi_out, double& sum_sq) {
   __m256 lo = _mm256_set1_ps(x[0]), hi = lo, bad = _mm256_setzero_ps();
   __m256d sq = _mm256_setzero_pd();
   std::size_t k = 0;
@@ -450,8 +449,6 @@ PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, double* xd
     hi = _mm256_max_ps(hi, v);
     bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
     const __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-    _mm256_storeu_pd(xd + k, v0);
-    _mm256_storeu_pd(xd + k + 4, v1);
     sq = _mm256_fmadd_pd(v0, v0, _mm256_fmadd_pd(v1, v1, sq));
   }
   alignas(32) double sq_lane[4];
@@ -469,8 +466,7 @@ PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, double* xd
     finite &= std::isfinite(x[k]);
     lo_out = std::min(lo_out, x[k]);
     hi_out = std::max(hi_out, x[k]);
-    xd[k] = x[k];
-    sum_sq += xd[k] * xd[k];
+    sum_sq += static_cast<double>(x[k]) * x[k];
   }
   return finite;
 }
@@ -525,7 +521,7 @@ inline void refine_sums_scalar(const GroupData& g, const Candidate& c, double& n
   for (std::size_t k = 0; k < g.n; ++k) {
     const double q = offset_code(g.x[k], c);
     const double wq = g.w ? g.w[k] * q : q;
-    num_lane[k % kLanes] = std::fma(wq, g.xd[k], num_lane[k % kLanes]);
+    num_lane[k % kLanes] = std::fma(wq, static_cast<double>(g.x[k]), num_lane[k % kLanes]);
     den_lane[k % kLanes] = std::fma(wq, q, den_lane[k % kLanes]);
   }
   num = reduce_lanes(num_lane);
@@ -1029,7 +1025,7 @@ struct SearchScratch {
   BinnedGroup bins;
   std::vector<ScreenedError> screened;
   float top_x[kLanes];
-  double top_xd[kLanes], top_w[kLanes];
+  double top_w[kLanes];
 };
 
 #ifdef PYQSHARE_QUANT_X86
@@ -1129,7 +1125,8 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
       wx2 = 0.0;
       for (std::size_t k = 0; k < g.n; ++k) {
         sc.w32_buf[k] = static_cast<float>(g.w[k]);
-        wx2 += g.w[k] * g.xd[k] * g.xd[k];
+        const double v = g.x[k];
+        wx2 += g.w[k] * v * v;
       }
       sc.w32 = sc.w32_buf.data();
     }
@@ -1163,19 +1160,16 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
       // largest |x| (any subset gives a valid bound), without another pass over the group.
       sc.bins.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), bin_count(g.n), isa);
       sc.bins.extremes(kLanes, sc.top_x);
-      for (std::size_t j = 0; j < kLanes; ++j) sc.top_xd[j] = sc.top_x[j];
     } else {
       largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
       for (std::size_t j = 0; j < sc.top.size(); ++j) {
         sc.top_x[j] = g.x[sc.top[j]];
-        sc.top_xd[j] = g.xd[sc.top[j]];
         sc.top_w[j] = g.w ? g.w[sc.top[j]] : 1.0;
       }
     }
     GroupData top;
     top.n = binned ? kLanes : sc.top.size();
     top.x = sc.top_x;
-    top.xd = sc.top_xd;
     top.w = g.w ? sc.top_w : nullptr;
     const double margin = 1.0 - (1e-9 + 4.0 * static_cast<double>(g.n) * DBL_EPSILON);
 #ifdef PYQSHARE_QUANT_X86
@@ -1281,7 +1275,7 @@ struct SampleWeights {
 // Copies one group into the scratch buffers (x only when it is not contiguous) and checks finiteness.
 struct GroupBuffers {
   std::vector<float> x;
-  std::vector<double> xd, w;
+  std::vector<double> w;
 };
 
 inline GroupData gather_group(const float* x, const SampleWeights& sw, const ScaleLayout& lay,
@@ -1290,7 +1284,6 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
   const std::size_t row_len = lay.inner;
   const bool contiguous = (b.i1 - b.i0 == lay.inner || (b.l1 - b.l0 == 1 && b.o1 - b.o0 == 1)) &&
                           (b.l1 - b.l0 == lay.length || b.o1 - b.o0 == 1);
-  buf.xd.resize(n);
   if (!contiguous) buf.x.resize(n);
   if (sw.w) buf.w.resize(n);
   const float* base = x + (b.o0 * lay.length + b.l0) * row_len + b.i0;
@@ -1316,7 +1309,7 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
   if (n) lo = hi = g.x[0];
 #ifdef PYQSHARE_QUANT_X86
   if (n && isa != Isa::kPortable) {
-    finite = prepare_avx2(g.x, n, buf.xd.data(), lo, hi, st.weighted_x2);
+    finite = prepare_avx2(g.x, n, lo, hi, st.weighted_x2);
   } else
 #endif
   {
@@ -1325,7 +1318,6 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
       finite &= std::isfinite(v);
       lo = std::min(lo, v);
       hi = std::max(hi, v);
-      buf.xd[j] = v;
     }
   }
   if (!finite) {
@@ -1338,7 +1330,6 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
   st.xmin = lo;
   st.xmax = hi;
   st.weight_sum = wsum;
-  g.xd = buf.xd.data();
   g.w = sw.w ? buf.w.data() : nullptr;
   return g;
 }
