@@ -679,6 +679,39 @@ PYQSHARE_AVX2 inline double prefix_moments_avx2(const float* y, std::size_t n, d
   return abs_sum;
 }
 
+// prefix_moments_avx2 eight elements per step (at most n / 8 + 4 additions per term).
+PYQSHARE_AVX512 inline __m512d scan8_avx512(__m512d v) {
+  const __m512i zero = _mm512_setzero_si512();
+  // alignr(v, 0, 8 - s): v moved up by s lanes, zeros below.
+  v = _mm512_add_pd(v, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(v), zero, 7)));
+  v = _mm512_add_pd(v, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(v), zero, 6)));
+  return _mm512_add_pd(v, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(v), zero, 4)));
+}
+
+PYQSHARE_AVX512 inline double prefix_moments_avx512(const float* y, std::size_t n, double* p1, double* p2) {
+  p1[0] = p2[0] = 0.0;
+  const __m512i last = _mm512_set1_epi64(7);
+  __m512d c1 = _mm512_setzero_pd(), c2 = c1, a = c1;
+  std::size_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(y + k));
+    const __m512d r1 = scan8_avx512(v), r2 = scan8_avx512(_mm512_mul_pd(v, v));
+    _mm512_storeu_pd(p1 + k + 1, _mm512_add_pd(c1, r1));
+    _mm512_storeu_pd(p2 + k + 1, _mm512_add_pd(c2, r2));
+    c1 = _mm512_add_pd(c1, _mm512_permutexvar_pd(last, r1));
+    c2 = _mm512_add_pd(c2, _mm512_permutexvar_pd(last, r2));
+    a = _mm512_add_pd(a, _mm512_abs_pd(v));
+  }
+  double abs_sum = _mm512_reduce_add_pd(a);
+  for (; k < n; ++k) {
+    const double v = y[k];
+    p1[k + 1] = p1[k] + v;
+    p2[k + 1] = p2[k] + v * v;
+    abs_sum += std::fabs(v);
+  }
+  return abs_sum;
+}
+
 // The bin() of n values, eight per step.
 PYQSHARE_AVX2 inline void bin_indices_avx2(const float* x, std::size_t n, float origin, float inv_width, float top,
                                            uint32_t* out) {
@@ -733,6 +766,10 @@ inline void BinnedGroup::build(const float* x, std::size_t count, float xmin, fl
   p1.resize(n + 1);
   p2.resize(n + 1);
 #ifdef PYQSHARE_QUANT_X86
+  if (isa == Isa::kAvx512) {
+    abs_sum = prefix_moments_avx512(grouped.data(), n, p1.data(), p2.data());
+    return;
+  }
   if (isa != Isa::kPortable) {
     abs_sum = prefix_moments_avx2(grouped.data(), n, p1.data(), p2.data());
     return;
