@@ -18,11 +18,11 @@
 //   refinement: k = code - zero_point of the winner, s* = sum(w x k) / sum(w k k) (zero point kept);
 //     f32(s*) replaces the winner when its error is not larger.
 //
-// The fast search returns exactly the reference's answer: candidates are tried in the order of a cheap
-// estimate, and a candidate is dropped only when it is provably worse than the best so far: by an exact
-// lower bound from the largest elements (with a rounding margin), by a float32 screening pass whose
-// prefix sums bound the exact error from below (ScreenBound), or by early abandoning of the exact sum
-// (its partial sums can only grow).
+// The fast search returns exactly the reference's answer: candidates are tried outward from the best
+// cheap estimate, and a candidate is dropped only when it is provably worse than the best so far: by an
+// exact lower bound from the largest elements (with a rounding margin), by a float32 screening pass whose
+// prefix sums bound the exact error from below (ScreenBound), by the cell sums of the binned screening
+// (BinnedGroup), or by early abandoning of the exact sum (its partial sums can only grow).
 #pragma once
 
 #include <algorithm>
