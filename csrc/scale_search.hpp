@@ -18,11 +18,11 @@
 //   refinement: k = code - zero_point of the winner, s* = sum(w x k) / sum(w k k) (zero point kept);
 //     f32(s*) replaces the winner when its error is not larger.
 //
-// The fast search returns exactly the reference's answer: candidates are tried in the order of a cheap
-// estimate, and a candidate is dropped only when it is provably worse than the best so far: by an exact
-// lower bound from the largest elements (with a rounding margin), by a float32 screening pass whose
-// prefix sums bound the exact error from below (ScreenBound), or by early abandoning of the exact sum
-// (its partial sums can only grow).
+// The fast search returns exactly the reference's answer: candidates are tried outward from the best
+// cheap estimate, and a candidate is dropped only when it is provably worse than the best so far: by an
+// exact lower bound from the largest elements (with a rounding margin), by a float32 screening pass whose
+// prefix sums bound the exact error from below (ScreenBound), by the cell sums of the binned screening
+// (BinnedGroup), or by early abandoning of the exact sum (its partial sums can only grow).
 #pragma once
 
 #include <algorithm>
@@ -71,10 +71,9 @@ struct GroupResult {
   int32_t zero_point = 0;
 };
 
-// The elements of one group in their defined order, as float32, float64 and optional weights.
+// The elements of one group in their defined order, and optional weights.
 struct GroupData {
   const float* x = nullptr;
-  const double* xd = nullptr;
   const double* w = nullptr;  // nullptr: every weight is 1
   std::size_t n = 0;
 };
@@ -127,6 +126,12 @@ inline double element_diff(float x, const Candidate& c) {
   return static_cast<double>(x) - static_cast<double>(deq);
 }
 
+// Lane sums of w*q*x and w*q*q of one candidate (q: its offset codes), as refine_sums_scalar defines them.
+struct RefineSums {
+  double num = 0.0, den = 0.0;
+  bool valid = false;
+};
+
 struct EvalResult {
   double error;
   bool complete;  // false: abandoned, the error is known to lose against the bound
@@ -178,26 +183,38 @@ PYQSHARE_AVX2 inline __m128 offset_code_avx2(__m256d xv, __m256d inv, __m128 lo,
   return _mm_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-// Four elements into one lane vector.
-PYQSHARE_AVX2 inline __m256d mse_step_avx2(const double* xd, const double* w, __m256d inv, __m128 scale,
-                                           __m128 lo, __m128 hi, __m256d acc) {
-  const __m256d xv = _mm256_loadu_pd(xd);
-  const __m128 deq = _mm_mul_ps(offset_code_avx2(xv, inv, lo, hi), scale);
-  const __m256d d = _mm256_sub_pd(xv, _mm256_cvtps_pd(deq));
+// Four elements into one lane vector; with kSums also into the refinement lane sums.
+template <bool kSums>
+PYQSHARE_AVX2 inline __m256d mse_step_avx2(const float* x, const double* w, __m256d inv, __m128 scale,
+                                           __m128 lo, __m128 hi, __m256d acc, __m256d& num, __m256d& den) {
+  const __m256d xv = _mm256_cvtps_pd(_mm_loadu_ps(x));
+  const __m128 q = offset_code_avx2(xv, inv, lo, hi);
+  const __m256d d = _mm256_sub_pd(xv, _mm256_cvtps_pd(_mm_mul_ps(q, scale)));
+  if (kSums) {
+    const __m256d qd = _mm256_cvtps_pd(q);
+    const __m256d wq = w ? _mm256_mul_pd(_mm256_loadu_pd(w), qd) : qd;
+    num = _mm256_fmadd_pd(wq, xv, num);
+    den = _mm256_fmadd_pd(wq, qd, den);
+  }
   return _mm256_fmadd_pd(w ? _mm256_mul_pd(_mm256_loadu_pd(w), d) : d, d, acc);
 }
 
-PYQSHARE_AVX2 inline EvalResult eval_mse_avx2(const GroupData& g, const Candidate& c, double bound, bool ties_lose) {
+// With kSums, a complete evaluation also leaves the candidate's refinement sums (see eval_mse_avx512).
+template <bool kSums>
+PYQSHARE_AVX2 inline EvalResult eval_mse_avx2(const GroupData& g, const Candidate& c, double bound, bool ties_lose,
+                                              RefineSums* sums) {
   const __m256d inv = _mm256_set1_pd(1.0 / static_cast<double>(c.scale));
   const __m128 scale = _mm_set1_ps(c.scale), lo = _mm_set1_ps(c.lo), hi = _mm_set1_ps(c.hi);
-  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  __m256d acc[4], num[4], den[4];
+  for (int j = 0; j < 4; ++j) acc[j] = num[j] = den[j] = _mm256_setzero_pd();
   const std::size_t n16 = g.n - g.n % kLanes;
   std::size_t k = 0;
   while (k < n16) {
     const std::size_t stop = std::min(n16, k + kCheckEvery);
     for (; k < stop; k += kLanes) {
       for (int j = 0; j < 4; ++j) {
-        acc[j] = mse_step_avx2(g.xd + k + 4 * j, g.w ? g.w + k + 4 * j : nullptr, inv, scale, lo, hi, acc[j]);
+        acc[j] = mse_step_avx2<kSums>(g.x + k + 4 * j, g.w ? g.w + k + 4 * j : nullptr, inv, scale, lo, hi, acc[j],
+                                      num[j], den[j]);
       }
     }
     if (k < g.n) {
@@ -207,14 +224,20 @@ PYQSHARE_AVX2 inline EvalResult eval_mse_avx2(const GroupData& g, const Candidat
   }
   if (k < g.n) {
     // The tail goes through zero-padded copies: padding contributes exactly +0 to its lanes.
-    alignas(32) double xdt[kLanes] = {}, wt[kLanes] = {};
+    alignas(32) float xt[kLanes] = {};
+    alignas(32) double wt[kLanes] = {};
     for (std::size_t j = 0; k + j < g.n; ++j) {
-      xdt[j] = g.xd[k + j];
+      xt[j] = g.x[k + j];
       if (g.w) wt[j] = g.w[k + j];
     }
     for (int j = 0; j < 4; ++j) {
-      acc[j] = mse_step_avx2(xdt + 4 * j, g.w ? wt + 4 * j : nullptr, inv, scale, lo, hi, acc[j]);
+      acc[j] = mse_step_avx2<kSums>(xt + 4 * j, g.w ? wt + 4 * j : nullptr, inv, scale, lo, hi, acc[j], num[j], den[j]);
     }
+  }
+  if (kSums) {
+    sums->num = lanes_sum_avx2(num);
+    sums->den = lanes_sum_avx2(den);
+    sums->valid = true;
   }
   return {lanes_sum_avx2(acc), true};
 }
@@ -231,27 +254,38 @@ PYQSHARE_AVX512 inline __m256 offset_code_avx512(__m512d xv, __m512d inv, __m256
   return _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-// Eight elements (those in mask m) into one lane vector.
-PYQSHARE_AVX512 inline __m512d mse_step_avx512(const double* xd, const double* w, __mmask8 m, __m512d inv,
-                                               __m256 scale, __m256 lo, __m256 hi, __m512d acc) {
-  const __m512d xv = _mm512_maskz_loadu_pd(m, xd);
-  const __m256 deq = _mm256_mul_ps(offset_code_avx512(xv, inv, lo, hi), scale);
-  const __m512d d = _mm512_sub_pd(xv, _mm512_cvtps_pd(deq));
-  return _mm512_fmadd_pd(w ? _mm512_mul_pd(_mm512_maskz_loadu_pd(m, w), d) : d, d, acc);
+// Eight elements (those in mask m) into one lane vector; with kSums also into the refinement lane sums.
+template <bool kSums>
+PYQSHARE_AVX512 inline __m512d mse_step_avx512(const float* x, const double* w, __mmask8 m, __m512d inv,
+                                               __m256 scale, __m256 lo, __m256 hi, __m512d acc, __m512d& num,
+                                               __m512d& den) {
+  const __m512d xv = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps(m, x)));
+  const __m256 q = offset_code_avx512(xv, inv, lo, hi);
+  const __m512d d = _mm512_sub_pd(xv, _mm512_cvtps_pd(_mm256_mul_ps(q, scale)));
+  const __m512d wv = w ? _mm512_maskz_loadu_pd(m, w) : _mm512_setzero_pd();
+  if (kSums) {
+    const __m512d qd = _mm512_cvtps_pd(q);
+    const __m512d wq = w ? _mm512_mul_pd(wv, qd) : qd;
+    num = _mm512_fmadd_pd(wq, xv, num);
+    den = _mm512_fmadd_pd(wq, qd, den);
+  }
+  return _mm512_fmadd_pd(w ? _mm512_mul_pd(wv, d) : d, d, acc);
 }
 
+// With kSums, a complete evaluation also leaves the candidate's refinement sums: no second pass for them.
+template <bool kSums>
 PYQSHARE_AVX512 inline EvalResult eval_mse_avx512(const GroupData& g, const Candidate& c, double bound,
-                                                  bool ties_lose) {
+                                                  bool ties_lose, RefineSums* sums) {
   const __m512d inv = _mm512_set1_pd(1.0 / static_cast<double>(c.scale));
   const __m256 scale = _mm256_set1_ps(c.scale), lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
-  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = acc0, n0 = acc0, n1 = acc0, d0 = acc0, d1 = acc0;
   const std::size_t n16 = g.n - g.n % kLanes;
   std::size_t k = 0;
   while (k < n16) {
     const std::size_t stop = std::min(n16, k + kCheckEvery);
     for (; k < stop; k += kLanes) {
-      acc0 = mse_step_avx512(g.xd + k, g.w ? g.w + k : nullptr, 0xFF, inv, scale, lo, hi, acc0);
-      acc1 = mse_step_avx512(g.xd + k + 8, g.w ? g.w + k + 8 : nullptr, 0xFF, inv, scale, lo, hi, acc1);
+      acc0 = mse_step_avx512<kSums>(g.x + k, g.w ? g.w + k : nullptr, 0xFF, inv, scale, lo, hi, acc0, n0, d0);
+      acc1 = mse_step_avx512<kSums>(g.x + k + 8, g.w ? g.w + k + 8 : nullptr, 0xFF, inv, scale, lo, hi, acc1, n1, d1);
     }
     if (k < g.n) {
       const double partial = lanes_sum_avx512(acc0, acc1);
@@ -262,33 +296,42 @@ PYQSHARE_AVX512 inline EvalResult eval_mse_avx512(const GroupData& g, const Cand
     const unsigned rest = static_cast<unsigned>(g.n - k);
     const __mmask8 m0 = static_cast<__mmask8>(rest >= 8 ? 0xFF : (1u << rest) - 1);
     const __mmask8 m1 = static_cast<__mmask8>(rest > 8 ? (1u << (rest - 8)) - 1 : 0);
-    acc0 = mse_step_avx512(g.xd + k, g.w ? g.w + k : nullptr, m0, inv, scale, lo, hi, acc0);
-    acc1 = mse_step_avx512(g.xd + k + 8, g.w ? g.w + k + 8 : nullptr, m1, inv, scale, lo, hi, acc1);
+    acc0 = mse_step_avx512<kSums>(g.x + k, g.w ? g.w + k : nullptr, m0, inv, scale, lo, hi, acc0, n0, d0);
+    acc1 = mse_step_avx512<kSums>(g.x + k + 8, g.w ? g.w + k + 8 : nullptr, m1, inv, scale, lo, hi, acc1, n1, d1);
+  }
+  if (kSums) {
+    sums->num = lanes_sum_avx512(n0, n1);
+    sums->den = lanes_sum_avx512(d0, d1);
+    sums->valid = true;
   }
   return {lanes_sum_avx512(acc0, acc1), true};
 }
 
-// Lane sums of w*q*x and w*q*q for the refinement (q: offset codes), as refine_sums_scalar defines them.
-PYQSHARE_AVX512 inline void refine_sums_avx512(const GroupData& g, const Candidate& c, double& num, double& den) {
-  const __m512d inv = _mm512_set1_pd(1.0 / static_cast<double>(c.scale));
-  const __m256 lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
-  __m512d n0 = _mm512_setzero_pd(), n1 = n0, d0 = n0, d1 = n0;
-  for (std::size_t k = 0; k < g.n; k += kLanes) {
-    const unsigned rest = static_cast<unsigned>(std::min<std::size_t>(g.n - k, kLanes));
-    const __mmask8 m0 = static_cast<__mmask8>(rest >= 8 ? 0xFF : (1u << rest) - 1);
-    const __mmask8 m1 = static_cast<__mmask8>(rest > 8 ? (rest == 16 ? 0xFF : (1u << (rest - 8)) - 1) : 0);
-    const __m512d x0 = _mm512_maskz_loadu_pd(m0, g.xd + k), x1 = _mm512_maskz_loadu_pd(m1, g.xd + k + 8);
-    const __m512d q0 = _mm512_cvtps_pd(offset_code_avx512(x0, inv, lo, hi));
-    const __m512d q1 = _mm512_cvtps_pd(offset_code_avx512(x1, inv, lo, hi));
-    const __m512d wq0 = g.w ? _mm512_mul_pd(_mm512_maskz_loadu_pd(m0, g.w + k), q0) : q0;
-    const __m512d wq1 = g.w ? _mm512_mul_pd(_mm512_maskz_loadu_pd(m1, g.w + k + 8), q1) : q1;
-    n0 = _mm512_fmadd_pd(wq0, x0, n0);
-    n1 = _mm512_fmadd_pd(wq1, x1, n1);
-    d0 = _mm512_fmadd_pd(wq0, q0, d0);
-    d1 = _mm512_fmadd_pd(wq1, q1, d1);
+// Errors of n_cand candidates on a few elements (squared objective), eight candidates per vector. Each
+// element's difference is the one eval_mse_avx512 computes; only the summation order differs.
+PYQSHARE_AVX512 inline void top_errors_avx512(const GroupData& g, const Candidate* cand, int n_cand, double* out) {
+  for (int c0 = 0; c0 < n_cand; c0 += 8) {
+    alignas(64) double inv_l[8];
+    alignas(32) float scale_l[8], lo_l[8], hi_l[8];
+    for (int j = 0; j < 8; ++j) {
+      const Candidate& c = cand[std::min(c0 + j, n_cand - 1)];
+      inv_l[j] = 1.0 / static_cast<double>(c.scale);
+      scale_l[j] = c.scale;
+      lo_l[j] = c.lo;
+      hi_l[j] = c.hi;
+    }
+    const __m512d inv = _mm512_load_pd(inv_l);
+    const __m256 scale = _mm256_load_ps(scale_l), lo = _mm256_load_ps(lo_l), hi = _mm256_load_ps(hi_l);
+    __m512d acc = _mm512_setzero_pd();
+    for (std::size_t k = 0; k < g.n; ++k) {
+      const __m512d xv = _mm512_set1_pd(g.x[k]);
+      const __m512d d = _mm512_sub_pd(xv, _mm512_cvtps_pd(_mm256_mul_ps(offset_code_avx512(xv, inv, lo, hi), scale)));
+      acc = _mm512_fmadd_pd(g.w ? _mm512_mul_pd(_mm512_set1_pd(g.w[k]), d) : d, d, acc);
+    }
+    alignas(64) double sum[8];
+    _mm512_store_pd(sum, acc);
+    for (int j = 0; j < 8 && c0 + j < n_cand; ++j) out[c0 + j] = sum[j];
   }
-  num = lanes_sum_avx512(n0, n1);
-  den = lanes_sum_avx512(d0, d1);
 }
 
 // Screening: a float32 version of the mse sum (x * (1/scale) in float32, fused x - q*scale, float32
@@ -395,9 +438,8 @@ PYQSHARE_AVX2 inline void screen_candidates_avx2(const GroupData& g, const float
   }
 }
 
-// Minimum, maximum and finiteness of x, and x widened to float64.
-PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, double* xd, float& lo_out, float& hi_out,
-                                       double& sum_sq) {
+// Minimum, maximum, finiteness and sum of squares of x.
+PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, float& lo_out, float& hi_out, double& sum_sq) {
   __m256 lo = _mm256_set1_ps(x[0]), hi = lo, bad = _mm256_setzero_ps();
   __m256d sq = _mm256_setzero_pd();
   std::size_t k = 0;
@@ -407,8 +449,6 @@ PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, double* xd
     hi = _mm256_max_ps(hi, v);
     bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
     const __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-    _mm256_storeu_pd(xd + k, v0);
-    _mm256_storeu_pd(xd + k + 4, v1);
     sq = _mm256_fmadd_pd(v0, v0, _mm256_fmadd_pd(v1, v1, sq));
   }
   alignas(32) double sq_lane[4];
@@ -426,8 +466,7 @@ PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, double* xd
     finite &= std::isfinite(x[k]);
     lo_out = std::min(lo_out, x[k]);
     hi_out = std::max(hi_out, x[k]);
-    xd[k] = x[k];
-    sum_sq += xd[k] * xd[k];
+    sum_sq += static_cast<double>(x[k]) * x[k];
   }
   return finite;
 }
@@ -456,12 +495,21 @@ inline Isa resolve_isa(Isa requested) {
   return static_cast<int>(requested) <= static_cast<int>(best) ? requested : best;
 }
 
+// `sums` (optional) receives the candidate's refinement sums where the kernel computes them on the way.
 inline EvalResult evaluate(const GroupData& g, const Candidate& c, const SearchConfig& cfg, Isa isa,
-                           double bound = std::numeric_limits<double>::infinity(), bool ties_lose = false) {
+                           double bound = std::numeric_limits<double>::infinity(), bool ties_lose = false,
+                           RefineSums* sums = nullptr) {
+  if (sums) sums->valid = false;
   if (cfg.squared()) {
 #ifdef PYQSHARE_QUANT_X86
-    if (isa == Isa::kAvx512) return eval_mse_avx512(g, c, bound, ties_lose);
-    if (isa == Isa::kAvx2) return eval_mse_avx2(g, c, bound, ties_lose);
+    if (isa == Isa::kAvx512) {
+      return sums ? eval_mse_avx512<true>(g, c, bound, ties_lose, sums)
+                  : eval_mse_avx512<false>(g, c, bound, ties_lose, nullptr);
+    }
+    if (isa == Isa::kAvx2) {
+      return sums ? eval_mse_avx2<true>(g, c, bound, ties_lose, sums)
+                  : eval_mse_avx2<false>(g, c, bound, ties_lose, nullptr);
+    }
 #endif
   }
   return eval_scalar(g, c, cfg.p, cfg.squared(), bound, ties_lose);
@@ -473,7 +521,7 @@ inline void refine_sums_scalar(const GroupData& g, const Candidate& c, double& n
   for (std::size_t k = 0; k < g.n; ++k) {
     const double q = offset_code(g.x[k], c);
     const double wq = g.w ? g.w[k] * q : q;
-    num_lane[k % kLanes] = std::fma(wq, g.xd[k], num_lane[k % kLanes]);
+    num_lane[k % kLanes] = std::fma(wq, static_cast<double>(g.x[k]), num_lane[k % kLanes]);
     den_lane[k % kLanes] = std::fma(wq, q, den_lane[k % kLanes]);
   }
   num = reduce_lanes(num_lane);
@@ -481,18 +529,11 @@ inline void refine_sums_scalar(const GroupData& g, const Candidate& c, double& n
 }
 
 // Least-squares scale for the winner's codes with its zero point kept; replaces it when not worse.
+// `known`: the winner's sums when its evaluation produced them (equal to refine_sums_scalar's).
 inline Candidate refine(const GroupData& g, const Candidate& best, double best_error, const SearchConfig& cfg,
-                        Isa isa) {
-  double num = 0.0, den = 0.0;
-#ifdef PYQSHARE_QUANT_X86
-  if (isa == Isa::kAvx512) {
-    refine_sums_avx512(g, best, num, den);
-  } else {
-    refine_sums_scalar(g, best, num, den);
-  }
-#else
-  refine_sums_scalar(g, best, num, den);
-#endif
+                        Isa isa, const RefineSums& known = RefineSums()) {
+  double num = known.num, den = known.den;
+  if (!known.valid) refine_sums_scalar(g, best, num, den);
   if (!(den > 0.0)) return best;
   const double s = num / den;
   if (!(s > 0.0) || !std::isfinite(s)) return best;
@@ -573,6 +614,12 @@ struct BinnedGroup {
   }
 
   void build(const float* x, std::size_t count, float xmin, float xmax, std::size_t bins, Isa isa);
+
+  // Writes k (<= n) elements taken from both ends of the value order, larger |y| first.
+  void extremes(std::size_t k, float* out) const {
+    std::size_t lo = 0, hi = n;
+    for (std::size_t j = 0; j < k; ++j) out[j] = std::fabs(grouped[lo]) >= std::fabs(grouped[hi - 1]) ? grouped[lo++] : grouped[--hi];
+  }
 };
 
 // Prefix sums of y and y^2 (p[k] over y[0, k)) and sum |y|: every term passes through at most n / 4 + 10
@@ -612,11 +659,12 @@ PYQSHARE_AVX2 inline double prefix_moments_avx2(const float* y, std::size_t n, d
   std::size_t k = 0;
   for (; k + 4 <= n; k += 4) {
     const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(y + k));
-    const __m256d s1 = _mm256_add_pd(c1, scan4_avx2(v)), s2 = _mm256_add_pd(c2, scan4_avx2(_mm256_mul_pd(v, v)));
-    _mm256_storeu_pd(p1 + k + 1, s1);
-    _mm256_storeu_pd(p2 + k + 1, s2);
-    c1 = _mm256_permute4x64_pd(s1, _MM_SHUFFLE(3, 3, 3, 3));
-    c2 = _mm256_permute4x64_pd(s2, _MM_SHUFFLE(3, 3, 3, 3));
+    const __m256d r1 = scan4_avx2(v), r2 = scan4_avx2(_mm256_mul_pd(v, v));
+    _mm256_storeu_pd(p1 + k + 1, _mm256_add_pd(c1, r1));
+    _mm256_storeu_pd(p2 + k + 1, _mm256_add_pd(c2, r2));
+    // The carry chain is one addition per four elements: the run totals do not depend on it.
+    c1 = _mm256_add_pd(c1, _mm256_permute4x64_pd(r1, _MM_SHUFFLE(3, 3, 3, 3)));
+    c2 = _mm256_add_pd(c2, _mm256_permute4x64_pd(r2, _MM_SHUFFLE(3, 3, 3, 3)));
     a = _mm256_add_pd(a, _mm256_andnot_pd(sign, v));
   }
   alignas(32) double lane[4];
@@ -629,6 +677,57 @@ PYQSHARE_AVX2 inline double prefix_moments_avx2(const float* y, std::size_t n, d
     abs_sum += std::fabs(v);
   }
   return abs_sum;
+}
+
+// prefix_moments_avx2 eight elements per step (at most n / 8 + 4 additions per term).
+PYQSHARE_AVX512 inline __m512d scan8_avx512(__m512d v) {
+  const __m512i zero = _mm512_setzero_si512();
+  // alignr(v, 0, 8 - s): v moved up by s lanes, zeros below.
+  v = _mm512_add_pd(v, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(v), zero, 7)));
+  v = _mm512_add_pd(v, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(v), zero, 6)));
+  return _mm512_add_pd(v, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(v), zero, 4)));
+}
+
+PYQSHARE_AVX512 inline double prefix_moments_avx512(const float* y, std::size_t n, double* p1, double* p2) {
+  p1[0] = p2[0] = 0.0;
+  const __m512i last = _mm512_set1_epi64(7);
+  __m512d c1 = _mm512_setzero_pd(), c2 = c1, a = c1;
+  std::size_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(y + k));
+    const __m512d r1 = scan8_avx512(v), r2 = scan8_avx512(_mm512_mul_pd(v, v));
+    _mm512_storeu_pd(p1 + k + 1, _mm512_add_pd(c1, r1));
+    _mm512_storeu_pd(p2 + k + 1, _mm512_add_pd(c2, r2));
+    c1 = _mm512_add_pd(c1, _mm512_permutexvar_pd(last, r1));
+    c2 = _mm512_add_pd(c2, _mm512_permutexvar_pd(last, r2));
+    a = _mm512_add_pd(a, _mm512_abs_pd(v));
+  }
+  double abs_sum = _mm512_reduce_add_pd(a);
+  for (; k < n; ++k) {
+    const double v = y[k];
+    p1[k + 1] = p1[k] + v;
+    p2[k + 1] = p2[k] + v * v;
+    abs_sum += std::fabs(v);
+  }
+  return abs_sum;
+}
+
+// The bin() of n values, eight per step.
+PYQSHARE_AVX2 inline void bin_indices_avx2(const float* x, std::size_t n, float origin, float inv_width, float top,
+                                           uint32_t* out) {
+  const __m256 o = _mm256_set1_ps(origin), inv = _mm256_set1_ps(inv_width), t = _mm256_set1_ps(top);
+  const __m256 zero = _mm256_setzero_ps();
+  std::size_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    // max_ps returns its second operand (0) for NaN, as bin() does.
+    const __m256 f = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + k), o), inv), zero), t);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm256_cvttps_epi32(f));
+  }
+  for (; k < n; ++k) {
+    float f = (x[k] - origin) * inv_width;
+    f = f > 0.0f ? f : 0.0f;
+    out[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+  }
 }
 #endif
 
@@ -645,10 +744,17 @@ inline void BinnedGroup::build(const float* x, std::size_t count, float xmin, fl
   const float o = origin, inv = inv_width, top = static_cast<float>(nbins - 1);
   uint32_t* __restrict bins_out = bin_of.data();
   uint32_t* __restrict first = start.data();
-  for (std::size_t k = 0; k < n; ++k) {
-    float f = (x[k] - o) * inv;  // as bin()
-    f = f > 0.0f ? f : 0.0f;
-    bins_out[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+#ifdef PYQSHARE_QUANT_X86
+  if (isa != Isa::kPortable) {
+    bin_indices_avx2(x, n, o, inv, top, bins_out);
+  } else
+#endif
+  {
+    for (std::size_t k = 0; k < n; ++k) {
+      float f = (x[k] - o) * inv;  // as bin()
+      f = f > 0.0f ? f : 0.0f;
+      bins_out[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+    }
   }
   for (std::size_t k = 0; k < n; ++k) ++first[bins_out[k] + 1];
   uint32_t total = 0;
@@ -660,12 +766,15 @@ inline void BinnedGroup::build(const float* x, std::size_t count, float xmin, fl
   p1.resize(n + 1);
   p2.resize(n + 1);
 #ifdef PYQSHARE_QUANT_X86
+  if (isa == Isa::kAvx512) {
+    abs_sum = prefix_moments_avx512(grouped.data(), n, p1.data(), p2.data());
+    return;
+  }
   if (isa != Isa::kPortable) {
     abs_sum = prefix_moments_avx2(grouped.data(), n, p1.data(), p2.data());
     return;
   }
 #endif
-  (void)isa;
   abs_sum = prefix_moments_scalar(grouped.data(), n, p1.data(), p2.data());
 }
 
@@ -750,8 +859,9 @@ inline ScreenedError binned_mse_scalar(const BinnedGroup& bg, const Candidate& c
 }
 
 #ifdef PYQSHARE_QUANT_X86
-// binned_mse_scalar with the thresholds, bins and cell moments of four boundaries per vector.
-PYQSHARE_AVX2 inline ScreenedError binned_mse_avx2(BinnedGroup& bg, const Candidate& c) {
+// binned_mse_scalar with the thresholds, bins and cell moments of four boundaries per vector; the cells come
+// first and may drop a sure loser before its windows, as in binned_mse_avx512.
+PYQSHARE_AVX2 inline ScreenedError binned_mse_avx2(BinnedGroup& bg, const Candidate& c, double abandon_above) {
   const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1, n_bounds = n_cells - 1;
   bg.first.resize(n_cells + 4);
   bg.last.resize(n_cells + 4);
@@ -788,6 +898,12 @@ PYQSHARE_AVX2 inline ScreenedError binned_mse_avx2(BinnedGroup& bg, const Candid
     cells += (s2 - cross) + nd2;
     mag += s2 + std::fabs(cross) + nd2;
   }
+  // The cells alone bound the error from below (window terms are squares): drop a sure loser here.
+  if (cells - binned_radius(bg, c, cells, mag, 0.0, n_cells, 0) > abandon_above) {
+    ScreenedError lost;
+    lost.value = HUGE_VAL;
+    return lost;
+  }
   // Windows [max(first[j], last[j - 1]), last[j]), four elements at a time.
   const __m256d inv_s = _mm256_set1_pd(1.0 / static_cast<double>(c.scale));
   const __m128 scale = _mm_set1_ps(c.scale), lo = _mm_set1_ps(c.lo), hi = _mm_set1_ps(c.hi);
@@ -814,12 +930,123 @@ PYQSHARE_AVX2 inline ScreenedError binned_mse_avx2(BinnedGroup& bg, const Candid
 }
 #endif
 
-// The error of candidate c from the bins (see BinnedGroup), with its rounding radius.
-inline ScreenedError binned_mse(BinnedGroup& bg, const Candidate& c, Isa isa) {
 #ifdef PYQSHARE_QUANT_X86
-  if (isa != Isa::kPortable) return binned_mse_avx2(bg, c);
+// Squared errors of the window grouped[a, b) added into acc: eight elements per masked step, so the
+// usual window (zero to a few elements) costs one step and no data-dependent branch.
+PYQSHARE_AVX512 inline __m512d window_error_avx512(const float* y, int32_t a, int32_t b, __m512d inv_s, __m256 scale,
+                                                   __m256 lo, __m256 hi, __m512d acc) {
+  for (int32_t e = a;; e += 8) {
+    const int32_t rest = b - e;
+    const __mmask16 m = static_cast<__mmask16>(rest >= 8 ? 0xFF : (1u << std::max(rest, 0)) - 1);
+    const __m512d yv = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps(m, y + e)));
+    const __m512d deq = _mm512_cvtps_pd(_mm256_mul_ps(offset_code_avx512(yv, inv_s, lo, hi), scale));
+    const __m512d d = _mm512_sub_pd(yv, deq);
+    acc = _mm512_fmadd_pd(d, d, acc);  // masked-out lanes: y = 0 has code 0 and d = 0
+    if (rest <= 8) return acc;
+  }
+}
+
+// binned_mse_avx2 with sixteen boundaries and cells per vector, kept in registers. The cells come first:
+// their sum alone bounds the error from below (window terms are squares), so a candidate whose cells
+// already lose against `abandon_above` is dropped before its windows (returned value HUGE_VAL).
+PYQSHARE_AVX512 inline ScreenedError binned_mse_avx512(BinnedGroup& bg, const Candidate& c, double abandon_above) {
+  const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1, n_bounds = n_cells - 1;
+  const std::size_t padded = (n_cells + 15) & ~std::size_t{15};
+  if (bg.first.size() < padded) {
+    bg.first.resize(padded);
+    bg.last.resize(padded);
+  }
+  int32_t* window_start = bg.first.data();
+  int32_t* window_end = bg.last.data();
+  const __m512d s = _mm512_set1_pd(c.scale), tiny = _mm512_set1_pd(0x1p-148), rel = _mm512_set1_pd(0x1p-19);
+  const __m512d fmax = _mm512_set1_pd(FLT_MAX), fmin = _mm512_set1_pd(-FLT_MAX), inf = _mm512_set1_pd(HUGE_VAL);
+  const __m512d step = _mm512_setr_pd(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512 origin = _mm512_set1_ps(bg.origin), inv = _mm512_set1_ps(bg.inv_width);
+  const __m512 top = _mm512_set1_ps(static_cast<float>(bg.nbins - 1)), zero = _mm512_setzero_ps();
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i n_vec = _mm512_set1_epi32(static_cast<int32_t>(bg.n));
+  // Lane 0 takes the carry's lane 15 (index 31: the second table), lane L > 0 last's lane L - 1.
+  const __m512i shift_in = _mm512_setr_epi32(31, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+  const __m512 top_code = _mm512_set1_ps(c.hi);
+  const int* start = reinterpret_cast<const int*>(bg.start.data());
+  const double* p1 = bg.p1.data();
+  const double* p2 = bg.p2.data();
+  const __m512 scale_ps = _mm512_set1_ps(c.scale);
+  __m512d cells = _mm512_setzero_pd(), mag = cells;
+  __m512i carry = _mm512_setzero_si512();  // lane 15: the end of the last boundary window so far (0 at first)
+  for (std::size_t j = 0; j < padded; j += 16) {
+    // Boundary j + lane: first = start[bin(lower)], last = start[bin(upper) + 1]; past the last boundary n.
+    __m256 lower[2], upper[2];
+    for (int h = 0; h < 2; ++h) {
+      const double q0 = static_cast<double>(c.lo) + static_cast<double>(j + 8 * h) + 0.5;
+      const __m512d t = _mm512_mul_pd(_mm512_add_pd(_mm512_set1_pd(q0), step), s);
+      const __m512d margin = _mm512_add_pd(_mm512_mul_pd(_mm512_abs_pd(t), rel), tiny);
+      lower[h] = _mm512_cvtpd_ps(_mm512_min_pd(_mm512_sub_pd(t, margin), fmax));
+      const __m512d up = _mm512_max_pd(_mm512_add_pd(t, margin), fmin);
+      upper[h] = _mm512_cvtpd_ps(_mm512_mask_blend_pd(_mm512_cmp_pd_mask(up, fmax, _CMP_GT_OQ), up, inf));
+    }
+    const __m512 lw = _mm512_insertf32x8(_mm512_castps256_ps512(lower[0]), lower[1], 1);
+    const __m512 uw = _mm512_insertf32x8(_mm512_castps256_ps512(upper[0]), upper[1], 1);
+    // bin(): max_ps returns its second operand (0) for NaN, as bin() does.
+    const __m512i bl = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(lw, origin), inv), zero), top));
+    const __m512i bu = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(uw, origin), inv), zero), top));
+    const __mmask16 real = static_cast<__mmask16>(n_bounds - std::min(n_bounds, j) >= 16 ? 0xFFFF : (1u << (n_bounds - j)) - 1);
+    const __m512i first = _mm512_mask_i32gather_epi32(n_vec, real, bl, start, 4);
+    const __m512i last = _mm512_mask_i32gather_epi32(n_vec, real, bu, start + 1, 4);
+    // Cell j + lane runs over [last of boundary j + lane - 1, max(first, that)): last[] is non-decreasing.
+    const __m512i cell_lo = _mm512_permutex2var_epi32(last, shift_in, carry);
+    const __m512i cell_hi = _mm512_max_epi32(first, cell_lo);
+    carry = last;
+    _mm512_storeu_si512(window_start + j, cell_hi);
+    _mm512_storeu_si512(window_end + j, last);
+    // Padding cells past the last code are empty; their code is clamped so q * scale stays finite.
+    const __m512 q = _mm512_min_ps(_mm512_add_ps(_mm512_set1_ps(c.lo + static_cast<float>(j)), lanes), top_code);
+    const __m512 deq_ps = _mm512_mul_ps(q, scale_ps);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i lo_idx = h ? _mm512_extracti64x4_epi64(cell_lo, 1) : _mm512_castsi512_si256(cell_lo);
+      const __m256i hi_idx = h ? _mm512_extracti64x4_epi64(cell_hi, 1) : _mm512_castsi512_si256(cell_hi);
+      const __m512d deq = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(deq_ps, 1) : _mm512_castps512_ps256(deq_ps));
+      const __m512d s2 = _mm512_sub_pd(_mm512_i32gather_pd(hi_idx, p2, 8), _mm512_i32gather_pd(lo_idx, p2, 8));
+      const __m512d s1 = _mm512_sub_pd(_mm512_i32gather_pd(hi_idx, p1, 8), _mm512_i32gather_pd(lo_idx, p1, 8));
+      const __m512d cross = _mm512_mul_pd(_mm512_add_pd(deq, deq), s1);
+      const __m512d nd2 = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_sub_epi32(hi_idx, lo_idx)), _mm512_mul_pd(deq, deq));
+      cells = _mm512_add_pd(cells, _mm512_add_pd(_mm512_sub_pd(s2, cross), nd2));
+      mag = _mm512_add_pd(mag, _mm512_add_pd(_mm512_add_pd(s2, _mm512_abs_pd(cross)), nd2));
+    }
+  }
+  ScreenedError r;
+  const double cell_sum = _mm512_reduce_add_pd(cells), mag_sum = _mm512_reduce_add_pd(mag);
+  if (cell_sum - binned_radius(bg, c, cell_sum, mag_sum, 0.0, n_cells, 0) > abandon_above) {
+    r.value = HUGE_VAL;
+    return r;
+  }
+  // Windows [cell end j, last of boundary j) may hold either code: element by element.
+  const __m512d inv_s = _mm512_set1_pd(1.0 / static_cast<double>(c.scale));
+  const __m256 scale8 = _mm256_set1_ps(c.scale), lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
+  const float* y = bg.grouped.data();
+  __m512d acc = _mm512_setzero_pd();
+  std::size_t n_window = 0;
+  for (std::size_t j = 0; j < n_bounds; ++j) {
+    const int32_t a = window_start[j], b = window_end[j];
+    acc = window_error_avx512(y, a, b, inv_s, scale8, lo, hi, acc);
+    n_window += static_cast<std::size_t>(b - a);
+  }
+  const double elems = _mm512_reduce_add_pd(acc);
+  r.value = cell_sum + elems;
+  r.radius = binned_radius(bg, c, r.value, mag_sum, elems, n_cells, n_window);
+  return r;
+}
+#endif
+
+// The error of candidate c from the bins (see BinnedGroup), with its rounding radius. A candidate that
+// provably has a larger error than `abandon_above` may come back as HUGE_VAL instead.
+inline ScreenedError binned_mse(BinnedGroup& bg, const Candidate& c, Isa isa, double abandon_above) {
+#ifdef PYQSHARE_QUANT_X86
+  if (isa == Isa::kAvx512) return binned_mse_avx512(bg, c, abandon_above);
+  if (isa != Isa::kPortable) return binned_mse_avx2(bg, c, abandon_above);
 #endif
   (void)isa;
+  (void)abandon_above;
   return binned_mse_scalar(bg, c);
 }
 
@@ -835,7 +1062,7 @@ struct SearchScratch {
   BinnedGroup bins;
   std::vector<ScreenedError> screened;
   float top_x[kLanes];
-  double top_xd[kLanes], top_w[kLanes];
+  double top_w[kLanes];
 };
 
 #ifdef PYQSHARE_QUANT_X86
@@ -887,8 +1114,27 @@ inline bool use_bins(const GroupData& g, const SearchConfig& cfg) {
   return cfg.squared() && !g.w && cfg.bits <= 12 && g.n >= (std::size_t{64} << cfg.bits) && g.n <= (std::size_t{1} << 20);
 }
 
-// About one element per bin: few elements per straddling bin, and the per-bin work stays O(n).
-inline std::size_t bin_count(std::size_t n) { return std::max<std::size_t>(1, n); }
+// About four elements per bin: a straddling bin still fits one eight-element window step, and the bin
+// prefix and cursors cost a quarter of the elements.
+inline std::size_t bin_count(std::size_t n) { return std::max<std::size_t>(1, n / 4); }
+
+// The candidates outward from the one with the smallest estimate, the two sides merged by estimate: the
+// error is roughly unimodal in the index, so this is close to sorting by estimate at a fraction of the cost.
+// (Only the amount of pruning depends on the order, never the result.)
+inline void order_outward(const std::vector<double>& estimate, std::vector<int>& order) {
+  const int n = static_cast<int>(estimate.size());
+  order.clear();
+  if (n == 0) return;
+  const int center = static_cast<int>(std::min_element(estimate.begin(), estimate.end()) - estimate.begin());
+  order.push_back(center);
+  for (int lo = center - 1, hi = center + 1; lo >= 0 || hi < n;) {
+    if (hi < n && (lo < 0 || estimate[hi] <= estimate[lo])) {
+      order.push_back(hi++);
+    } else {
+      order.push_back(lo--);
+    }
+  }
+}
 
 // Groups up to this size screen every candidate at once instead of pruning candidate by candidate.
 constexpr std::size_t kSmallGroup = 512;
@@ -916,7 +1162,8 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
       wx2 = 0.0;
       for (std::size_t k = 0; k < g.n; ++k) {
         sc.w32_buf[k] = static_cast<float>(g.w[k]);
-        wx2 += g.w[k] * g.xd[k] * g.xd[k];
+        const double v = g.x[k];
+        wx2 += g.w[k] * v * v;
       }
       sc.w32 = sc.w32_buf.data();
     }
@@ -929,8 +1176,10 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   sc.estimate.resize(n_cand);
   sc.order.resize(n_cand);
   std::iota(sc.order.begin(), sc.order.end(), 0);
+  const bool screened_all = screen.enabled && g.n <= kSmallGroup;
+  const bool binned = !screened_all && use_bins(g, cfg);
 #ifdef PYQSHARE_QUANT_X86
-  if (screen.enabled && g.n <= kSmallGroup) {
+  if (screened_all) {
     // Screening sums of all candidates: their order is the evaluation order, and they prune below.
     sc.screen_sum.resize(n_cand);
     screen_candidates_avx2(g, sc.w32, sc.cand.data(), n_cand, sc.screen_sum.data());
@@ -943,40 +1192,48 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   {
     // Lower bound of every candidate: its exact error on the largest elements alone. Summation order
     // differs from the full sum, so a relative margin covers the rounding of both sums.
-    largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
-    GroupData top;
-    top.n = sc.top.size();
-    for (std::size_t j = 0; j < top.n; ++j) {
-      sc.top_x[j] = g.x[sc.top[j]];
-      sc.top_xd[j] = g.xd[sc.top[j]];
-      sc.top_w[j] = g.w ? g.w[sc.top[j]] : 1.0;
+    if (binned) {
+      // The bins hold the group in value order (up to the order inside a bin): the ends hold the
+      // largest |x| (any subset gives a valid bound), without another pass over the group.
+      sc.bins.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), bin_count(g.n), isa);
+      sc.bins.extremes(kLanes, sc.top_x);
+    } else {
+      largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
+      for (std::size_t j = 0; j < sc.top.size(); ++j) {
+        sc.top_x[j] = g.x[sc.top[j]];
+        sc.top_w[j] = g.w ? g.w[sc.top[j]] : 1.0;
+      }
     }
+    GroupData top;
+    top.n = binned ? kLanes : sc.top.size();
     top.x = sc.top_x;
-    top.xd = sc.top_xd;
     top.w = g.w ? sc.top_w : nullptr;
     const double margin = 1.0 - (1e-9 + 4.0 * static_cast<double>(g.n) * DBL_EPSILON);
+#ifdef PYQSHARE_QUANT_X86
+    if (isa == Isa::kAvx512 && cfg.squared()) {
+      top_errors_avx512(top, sc.cand.data(), n_cand, sc.bound.data());
+    } else
+#endif
+    {
+      for (int i = 0; i < n_cand; ++i) sc.bound[i] = top.n ? evaluate(top, sc.cand[i], cfg, isa).error : 0.0;
+    }
     // Expected rounding error of one in-range element with unit weight: E|U|^p, U uniform in +-scale/2.
     const double p = cfg.squared() ? 2.0 : cfg.p;
     for (int i = 0; i < n_cand; ++i) {
-      sc.bound[i] = top.n ? evaluate(top, sc.cand[i], cfg, isa).error * margin : 0.0;
+      sc.bound[i] *= margin;
       const double half = 0.5 * sc.cand[i].scale;
       sc.estimate[i] = sc.bound[i] + in_range_weight * (p == 2.0 ? half * half : std::pow(half, p)) / (p + 1.0);
     }
   }
-  const bool screened_all = screen.enabled && g.n <= kSmallGroup;
-  const bool binned = !screened_all && use_bins(g, cfg);
   if (binned) {
     // Screen candidates by estimate, pruning by the lower bound; then only those whose screened error can
     // still be the smallest are evaluated exactly, smallest screened error first.
-    sc.bins.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), bin_count(g.n), isa);
-    std::sort(sc.order.begin(), sc.order.end(), [&](int a, int b) {
-      return sc.estimate[a] < sc.estimate[b] || (sc.estimate[a] == sc.estimate[b] && a < b);
-    });
+    order_outward(sc.estimate, sc.order);
     sc.screened.assign(n_cand, ScreenedError{HUGE_VAL, 0.0});
     double best_upper = HUGE_VAL;
     for (int i : sc.order) {
       if (sc.bound[i] > best_upper) continue;
-      sc.screened[i] = binned_mse(sc.bins, sc.cand[i], isa);
+      sc.screened[i] = binned_mse(sc.bins, sc.cand[i], isa, best_upper);
       best_upper = std::min(best_upper, sc.screened[i].value + sc.screened[i].radius);
     }
     sc.order.clear();
@@ -991,13 +1248,12 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     const auto first = std::min_element(sc.estimate.begin(), sc.estimate.end()) - sc.estimate.begin();
     std::rotate(sc.order.begin(), sc.order.begin() + first, sc.order.begin() + first + 1);
   } else {
-    std::sort(sc.order.begin(), sc.order.end(), [&](int a, int b) {
-      return sc.estimate[a] < sc.estimate[b] || (sc.estimate[a] == sc.estimate[b] && a < b);
-    });
+    order_outward(sc.estimate, sc.order);
   }
 
   int best = n_cand;  // none yet
   double best_error = HUGE_VAL;
+  RefineSums sums, best_sums;
   for (int i : sc.order) {
     if (best < n_cand) {
       if (sc.bound[i] > best_error) continue;
@@ -1011,15 +1267,16 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
       }
     }
     const bool ties_lose = i > best;
-    const EvalResult r = evaluate(g, sc.cand[i], cfg, isa, best_error, ties_lose);
+    const EvalResult r = evaluate(g, sc.cand[i], cfg, isa, best_error, ties_lose, cfg.refine ? &sums : nullptr);
     if (!r.complete) continue;
     if (best == n_cand || r.error < best_error || (r.error == best_error && i < best)) {
       best = i;
       best_error = r.error;
+      best_sums = sums;
     }
   }
   Candidate winner = sc.cand[best];
-  if (cfg.refine) winner = refine(g, winner, best_error, cfg, isa);
+  if (cfg.refine) winner = refine(g, winner, best_error, cfg, isa, best_sums);
   return {winner.scale, winner.zero_point};
 }
 
@@ -1055,7 +1312,7 @@ struct SampleWeights {
 // Copies one group into the scratch buffers (x only when it is not contiguous) and checks finiteness.
 struct GroupBuffers {
   std::vector<float> x;
-  std::vector<double> xd, w;
+  std::vector<double> w;
 };
 
 inline GroupData gather_group(const float* x, const SampleWeights& sw, const ScaleLayout& lay,
@@ -1064,7 +1321,6 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
   const std::size_t row_len = lay.inner;
   const bool contiguous = (b.i1 - b.i0 == lay.inner || (b.l1 - b.l0 == 1 && b.o1 - b.o0 == 1)) &&
                           (b.l1 - b.l0 == lay.length || b.o1 - b.o0 == 1);
-  buf.xd.resize(n);
   if (!contiguous) buf.x.resize(n);
   if (sw.w) buf.w.resize(n);
   const float* base = x + (b.o0 * lay.length + b.l0) * row_len + b.i0;
@@ -1090,7 +1346,7 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
   if (n) lo = hi = g.x[0];
 #ifdef PYQSHARE_QUANT_X86
   if (n && isa != Isa::kPortable) {
-    finite = prepare_avx2(g.x, n, buf.xd.data(), lo, hi, st.weighted_x2);
+    finite = prepare_avx2(g.x, n, lo, hi, st.weighted_x2);
   } else
 #endif
   {
@@ -1099,7 +1355,6 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
       finite &= std::isfinite(v);
       lo = std::min(lo, v);
       hi = std::max(hi, v);
-      buf.xd[j] = v;
     }
   }
   if (!finite) {
@@ -1112,7 +1367,6 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
   st.xmin = lo;
   st.xmax = hi;
   st.weight_sum = wsum;
-  g.xd = buf.xd.data();
   g.w = sw.w ? buf.w.data() : nullptr;
   return g;
 }

@@ -327,12 +327,14 @@ def binned_rows(kind, n, seed):
         return w
     if kind == "positive":  # asymmetric ranges with a large zero point
         return rng.uniform(0.5, 3.0, size=(2, n)).astype(np.float32)
+    if kind == "huge":  # scales near the float32 limit: nothing may overflow to inf or NaN
+        return (rng.uniform(-1.0, 1.0, size=(2, n)) * 3e38).astype(np.float32)
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind", ["t", "constant", "two_values", "half_steps", "outlier", "subnormal",
-                                  "zeros_and_row", "positive"])
-@pytest.mark.parametrize("bits", [2, 4])
+                                  "zeros_and_row", "positive", "huge"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_binned_screening_equals_reference(kind, bits):
     """Groups with at least 64 elements per code take the binned screening: still the brute force's answer."""
     n = (64 << bits) + 37
