@@ -50,31 +50,36 @@ def numpy_search(w, bits, grid=GRID):
     return best
 
 
+@numba.njit(fastmath=True, cache=True, inline="always")
+def _numba_best_scale(x, qmin, qmax, grid):
+    """Grid search of one group: the fastest numba form (fastmath, reciprocal multiply)."""
+    m = np.float32(0.0)
+    for k in range(x.size):
+        m = max(m, abs(x[k]))
+    best_err = np.float32(np.inf)
+    best = np.float32(1.0)
+    for i in range(grid):
+        s = np.float32((grid - i) / grid * m / qmax)
+        if s <= 0:
+            s = np.float32(1.0)
+        inv = np.float32(1.0) / s
+        e = np.float32(0.0)
+        for k in range(x.size):
+            q = min(max(np.floor(x[k] * inv + np.float32(0.5)), qmin), qmax)
+            d = x[k] - q * s
+            e += d * d
+        if e < best_err:
+            best_err = e
+            best = s
+    return best
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def _numba_search(w, qmin, qmax, grid):
-    rows, n = w.shape
+    rows = w.shape[0]
     out = np.empty(rows, np.float32)
     for r in numba.prange(rows):
-        x = w[r]
-        m = np.float32(0.0)
-        for k in range(n):
-            m = max(m, abs(x[k]))
-        best_err = np.float32(np.inf)
-        best = np.float32(1.0)
-        for i in range(grid):
-            s = np.float32((grid - i) / grid * m / qmax)
-            if s <= 0:
-                s = np.float32(1.0)
-            inv = np.float32(1.0) / s
-            e = np.float32(0.0)
-            for k in range(n):
-                q = min(max(np.floor(x[k] * inv + np.float32(0.5)), qmin), qmax)
-                d = x[k] - q * s
-                e += d * d
-            if e < best_err:
-                best_err = e
-                best = s
-        out[r] = best
+        out[r] = _numba_best_scale(w[r], qmin, qmax, grid)
     return out
 
 
@@ -89,26 +94,7 @@ def _numba_blocked(w, block, qmin, qmax, grid):
     out = np.empty((rows, nb), np.float32)
     for r in numba.prange(rows):
         for j in range(nb):
-            x = w[r, j * block : min(n, (j + 1) * block)]
-            m = np.float32(0.0)
-            for k in range(x.size):
-                m = max(m, abs(x[k]))
-            best_err = np.float32(np.inf)
-            best = np.float32(1.0)
-            for i in range(grid):
-                s = np.float32((grid - i) / grid * m / qmax)
-                if s <= 0:
-                    s = np.float32(1.0)
-                inv = np.float32(1.0) / s
-                e = np.float32(0.0)
-                for k in range(x.size):
-                    q = min(max(np.floor(x[k] * inv + np.float32(0.5)), qmin), qmax)
-                    d = x[k] - q * s
-                    e += d * d
-                if e < best_err:
-                    best_err = e
-                    best = s
-            out[r, j] = best
+            out[r, j] = _numba_best_scale(w[r, j * block : min(n, (j + 1) * block)], qmin, qmax, grid)
     return out
 
 
