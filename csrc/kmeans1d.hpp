@@ -89,8 +89,7 @@ template <class K>
 K* radix_sort(K* keys, K* tmp, std::size_t n, std::uint32_t* idx, std::uint32_t* idx_tmp,
               std::uint32_t** idx_out) {
   constexpr int kDigits = sizeof(K);
-  std::vector<std::array<std::size_t, 256>> count(kDigits);
-  for (auto& c : count) c.fill(0);
+  std::array<std::array<std::size_t, 256>, kDigits> count{};  // on the stack: small rows are sorted by the thousand
   for (std::size_t i = 0; i < n; ++i) {
     const K k = keys[i];
     for (int d = 0; d < kDigits; ++d) ++count[d][(k >> (8 * d)) & 0xff];
@@ -213,7 +212,9 @@ Points sorted_points(const T* x, const Wt* weights, const RowGeometry& g) {
   const K* sorted = radix_sort(keys.data(), tmp.data(), n, weights ? idx.data() : nullptr,
                                weights ? idx_tmp.data() : nullptr, &sorted_idx);
   Points P;
-  std::vector<double> w;
+  P.v.resize(n);  // sized once, trimmed to the distinct values below (no regrowth)
+  std::vector<double> w(n);
+  std::size_t m = 0;
   for (std::size_t i = 0; i < n;) {
     std::size_t j = i + 1;
     while (j < n && sorted[j] == sorted[i]) ++j;
@@ -223,11 +224,14 @@ Points sorted_points(const T* x, const Wt* weights, const RowGeometry& g) {
       for (std::size_t t = i; t < j; ++t) wt += wbuf[sorted_idx[t]];
     }
     if (wt > 0) {
-      P.v.push_back(static_cast<double>(value_from_key<T>(sorted[i])));
-      w.push_back(wt);
+      P.v[m] = static_cast<double>(value_from_key<T>(sorted[i]));
+      w[m] = wt;
+      ++m;
     }
     i = j;
   }
+  P.v.resize(m);
+  w.resize(m);
   finish_points(P, w);
   return P;
 }
