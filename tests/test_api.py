@@ -61,3 +61,11 @@ def test_ci_runs_exactly_the_readme_test_command():
     commands = re.findall(r"^(pip install torch.*pytest.*)$", readme, flags=re.M)
     assert commands, "README lacks the test command"
     assert commands[0] in ci.splitlines()
+
+
+def test_readme_example_runs(capsys):
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", readme, flags=re.S).group(1)
+    exec(compile(example, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.split()
+    assert printed[:2] == ["(512,", "16)"] and printed[2] == "uint8"
