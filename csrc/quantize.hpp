@@ -218,35 +218,42 @@ void for_each_run(const ScaleLayout& lay, std::size_t e0, std::size_t e1, Run&& 
 
 constexpr std::size_t kElementsPerTask = std::size_t{1} << 16;
 
-template <class Code>
-void quantize(const float* x, const float* scale, const Code* zero_point, Code* out, const ScaleLayout& lay,
-              CodeRange range, int num_threads, bool vector = has_avx2()) {
+// Calls run(e, count, p) on every run of elements sharing scale p, in fixed tasks of kElementsPerTask;
+// `run` returns false on bad input, and then `error()` is thrown (from the worker, carried back).
+template <class Run, class Error>
+void for_each_task_run(const ScaleLayout& lay, int num_threads, Run&& run, Error&& error) {
   const std::size_t n = lay.size();
   parallel_for(n_chunks(n, kElementsPerTask), num_threads, [&](std::size_t task) {
     const std::size_t e0 = task * kElementsPerTask, e1 = std::min(n, e0 + kElementsPerTask);
     bool ok = true;
-    for_each_run(lay, e0, e1, [&](std::size_t e, std::size_t count, std::size_t p) {
-      ok &= quantize_run(x + e, count, scale[p], static_cast<int32_t>(zero_point[p]), range, out + e, vector);
-    });
-    if (!ok) throw std::invalid_argument("x contains NaN; quantize needs NaN-free input (Inf saturates)");
+    for_each_run(lay, e0, e1, [&](std::size_t e, std::size_t count, std::size_t p) { ok &= run(e, count, p); });
+    if (!ok) throw std::invalid_argument(error());
   });
+}
+
+template <class Code>
+void quantize(const float* x, const float* scale, const Code* zero_point, Code* out, const ScaleLayout& lay,
+              CodeRange range, int num_threads, bool vector = has_avx2()) {
+  for_each_task_run(
+      lay, num_threads,
+      [&](std::size_t e, std::size_t count, std::size_t p) {
+        return quantize_run(x + e, count, scale[p], static_cast<int32_t>(zero_point[p]), range, out + e, vector);
+      },
+      [] { return std::string("x contains NaN; quantize needs NaN-free input (Inf saturates)"); });
 }
 
 template <class Code>
 void dequantize(const Code* q, const float* scale, const Code* zero_point, float* out, const ScaleLayout& lay,
                 CodeRange range, int num_threads, bool vector = has_avx2()) {
-  const std::size_t n = lay.size();
-  parallel_for(n_chunks(n, kElementsPerTask), num_threads, [&](std::size_t task) {
-    const std::size_t e0 = task * kElementsPerTask, e1 = std::min(n, e0 + kElementsPerTask);
-    bool ok = true;
-    for_each_run(lay, e0, e1, [&](std::size_t e, std::size_t count, std::size_t p) {
-      ok &= dequantize_run(q + e, count, scale[p], static_cast<int32_t>(zero_point[p]), range, out + e, vector);
-    });
-    if (!ok) {
-      throw std::invalid_argument("q holds codes outside [" + std::to_string(range.qmin) + ", " +
-                                  std::to_string(range.qmax) + "]: pass the bits the codes were made with");
-    }
-  });
+  for_each_task_run(
+      lay, num_threads,
+      [&](std::size_t e, std::size_t count, std::size_t p) {
+        return dequantize_run(q + e, count, scale[p], static_cast<int32_t>(zero_point[p]), range, out + e, vector);
+      },
+      [&] {
+        return "q holds codes outside [" + std::to_string(range.qmin) + ", " + std::to_string(range.qmax) +
+               "]: pass the bits the codes were made with";
+      });
 }
 
 }  // namespace pyqshare::quant
