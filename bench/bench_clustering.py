@@ -262,11 +262,13 @@ def test_per_channel_fast(benchmark, matrix_4096, optimal_inertia, threads):
     x, _, _, size = matrix_4096
     _, _, inertia = benchmark(kmeans1d, x, 16, axis=0, num_threads=threads)
     optimal = _per_row_optimal(x, optimal_inertia, ("rows", size))
+    # Every row's clustering, not just the total, must land within 0.01% of its optimum.
     assert np.all(inertia >= optimal * (1 - 1e-12))
-    assert inertia.sum() <= optimal.sum() * (1 + 1e-4)
+    assert np.all(inertia <= optimal * (1 + 1e-4)), f"worst row {np.max(inertia / optimal)}"
     benchmark.extra_info.update(
         impl="pyqshare" if threads == 1 else f"pyqshare {threads} threads",
         inertia_vs_optimal=_ratio(inertia.sum(), optimal.sum()),
+        note=f"worst row {_ratio(float(np.max(inertia / optimal)), 1.0)}",
         bytes=x.nbytes,
     )
 
@@ -288,7 +290,7 @@ def test_per_channel_subset_pyqshare(benchmark, matrix_4096, optimal_inertia):
     rows = np.ascontiguousarray(x[:PER_ROW_SUBSET])
     _, _, inertia = benchmark(kmeans1d, rows, 16, axis=0)
     optimal = _per_row_optimal(x, optimal_inertia, ("rows", size))[:PER_ROW_SUBSET]
-    assert inertia.sum() <= optimal.sum() * (1 + 1e-4)
+    assert np.all(inertia <= optimal * (1 + 1e-4)), f"worst row {np.max(inertia / optimal)}"
     benchmark.extra_info.update(impl="pyqshare", inertia_vs_optimal=_ratio(inertia.sum(), optimal.sum()))
 
 

@@ -44,8 +44,9 @@ constexpr std::size_t kLutSize = std::size_t{1} << kLutBits;
 constexpr std::size_t kDpBudget = std::size_t{1} << 23;
 constexpr int kMaxLloydIterations = 1000;
 // Summary groups per cluster for the fast method's coarse DP: fine enough that the coarse optimum has the
-// right global shape (how many clusters go to the tails), which window refinement cannot change.
-constexpr std::size_t kGroupsPerCluster = 32;
+// right global shape (how many clusters go to the tails), which window refinement cannot change. 32 left 4 of
+// 4096 Student-t rows of 4096 values up to 0.042% above their optimum; 64 keeps every row within 0.0001%.
+constexpr std::size_t kGroupsPerCluster = 64;
 
 // ---------------------------------------------------------------------------------------------------------
 // Order-preserving integer keys of floats (-0.0 must be turned into +0.0 first: it has its own key).
