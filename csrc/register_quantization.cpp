@@ -164,20 +164,8 @@ void register_quantization(py::module_& m) {
         py::arg("inner_off"), py::arg("num_threads"), py::arg("refine") = true, py::arg("isa") = -1,
         py::arg("reference") = false,
         "Scale search over a validated (outer, length, inner) view; returns flat (scale float32, zero_point int32). "
-        "isa: -1 auto, 0 portable, 1 AVX2, 2 AVX-512 (capped at what the CPU has). reference: brute force.");
-  m.def(
-      "scale_search_reference",
-      [](const py::object& w, int bits, bool symmetric, int objective, int grid, double p, int kind, std::size_t outer,
-         std::size_t length, std::size_t inner, std::size_t block, const py::object& sw, const py::object& outer_off,
-         const py::object& length_off, const py::object& inner_off, int num_threads, bool refine) {
-        return scale_search_binding(w, bits, symmetric, objective, grid, p, kind, outer, length, inner, block, sw,
-                                    outer_off, length_off, inner_off, num_threads, refine, 0, true);
-      },
-      py::arg("w"), py::arg("bits"), py::arg("symmetric"), py::arg("objective"), py::arg("grid"), py::arg("p"),
-      py::arg("kind"), py::arg("outer"), py::arg("length"), py::arg("inner"), py::arg("block"),
-      py::arg("sample_weight"), py::arg("outer_off"), py::arg("length_off"), py::arg("inner_off"),
-      py::arg("num_threads"), py::arg("refine") = true,
-      "Scalar brute-force scale search (every candidate, no pruning): the specification of scale_search.");
+        "isa: -1 auto, 0 portable, 1 AVX2, 2 AVX-512 (capped at what the CPU has). "
+        "reference: the scalar brute force over every candidate (the specification the fast search reproduces).");
   m.def(
       "quantize",
       [](const py::object& x_obj, const py::object& scale_obj, const py::object& zp_obj, int bits, int kind,

@@ -106,6 +106,20 @@ py::array bool_array(const std::vector<py::ssize_t>& shape) { return py::array(p
 
 uint8_t* bytes_of(py::array& a) { return static_cast<uint8_t*>(a.mutable_data()); }
 
+// Runs kernel(kind, key_bits) with the GIL released (it is back before any Python object is touched again).
+// When scores rank the elements, w itself is still checked for NaN/Inf.
+template <class Kernel>
+void with_keys_nogil(const FloatArray& w, const FloatArray& keys, bool by_score, int num_threads, Kernel&& kernel) {
+  const std::size_t size = std::size_t(w.array.size());
+  MaybeReleaseGil release(size);
+  if (by_score) {
+    with_bits(w.bits, [&](auto u) { sparsity::check_finite(bits_of<decltype(u)>(w), size, num_threads, "w"); });
+  }
+  with_kind(by_score, [&](auto kind) {
+    with_bits(keys.bits, [&](auto u) { kernel(kind, bits_of<decltype(u)>(keys)); });
+  });
+}
+
 py::array nm_mask_py(const py::handle& w_obj, int n, int m, int axis, const py::object& scores_obj, int num_threads,
                      const std::string& isa_name) {
   const FloatArray w = require_float_array(w_obj, "w");
@@ -117,19 +131,10 @@ py::array nm_mask_py(const py::handle& w_obj, int n, int m, int axis, const py::
   const FloatArray keys = by_score ? optional_scores(scores_obj, w) : w;
   py::array out = bool_array(shape);
   uint8_t* mask = bytes_of(out);
-  const std::size_t size = std::size_t(w.array.size()), groups = v.outer * (v.length / std::size_t(m));
-  {  // the GIL is back before any Python object is touched again
-    MaybeReleaseGil release(size);
-    if (by_score) {
-      with_bits(w.bits, [&](auto u) { sparsity::check_finite(bits_of<decltype(u)>(w), size, num_threads, "w"); });
-    }
-    with_kind(by_score, [&](auto kind) {
-      with_bits(keys.bits, [&](auto u) {
-        sparsity::nm_mask<decltype(kind)::value>(bits_of<decltype(u)>(keys), mask, groups, n, m, v.inner, num_threads,
-                                                 isa, by_score ? "scores" : "w");
-      });
-    });
-  }
+  const std::size_t groups = v.outer * (v.length / std::size_t(m));
+  with_keys_nogil(w, keys, by_score, num_threads, [&](auto kind, const auto* k) {
+    sparsity::nm_mask<decltype(kind)::value>(k, mask, groups, n, m, v.inner, num_threads, isa, by_score ? "scores" : "w");
+  });
   return out;
 }
 
@@ -165,19 +170,9 @@ py::array magnitude_mask_py(const py::handle& w_obj, std::size_t k, std::size_t 
   const FloatArray keys = by_score ? optional_scores(scores_obj, w) : w;
   py::array out = bool_array(shape_of(w.array));
   uint8_t* mask = bytes_of(out);
-  const std::size_t size = std::size_t(w.array.size());
-  {  // the GIL is back before any Python object is touched again
-    MaybeReleaseGil release(size);
-    if (by_score) {
-      with_bits(w.bits, [&](auto u) { sparsity::check_finite(bits_of<decltype(u)>(w), size, num_threads, "w"); });
-    }
-    with_kind(by_score, [&](auto kind) {
-      with_bits(keys.bits, [&](auto u) {
-        sparsity::magnitude_mask<decltype(kind)::value>(bits_of<decltype(u)>(keys), mask, rows, len, k, num_threads,
-                                                        by_score ? "scores" : "w");
-      });
-    });
-  }
+  with_keys_nogil(w, keys, by_score, num_threads, [&](auto kind, const auto* key) {
+    sparsity::magnitude_mask<decltype(kind)::value>(key, mask, rows, len, k, num_threads, by_score ? "scores" : "w");
+  });
   return out;
 }
 

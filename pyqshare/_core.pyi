@@ -50,28 +50,8 @@ def scale_search(
     isa: int = -1,
     reference: bool = False,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
-    """Flat (scale, zero_point) per group; objective 0 mse, 1 lp, 2 minmax; isa -1 auto, 0 portable, 1 AVX2, 2 AVX-512."""
-
-def scale_search_reference(
-    w: npt.NDArray[np.float32],
-    bits: int,
-    symmetric: bool,
-    objective: int,
-    grid: int,
-    p: float,
-    kind: int,
-    outer: int,
-    length: int,
-    inner: int,
-    block: int,
-    sample_weight: npt.NDArray[np.float64] | None,
-    outer_off: npt.NDArray[np.int64] | None,
-    length_off: npt.NDArray[np.int64] | None,
-    inner_off: npt.NDArray[np.int64] | None,
-    num_threads: int,
-    refine: bool = True,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
-    """Scalar brute force over every candidate: the specification scale_search reproduces bit for bit."""
+    """Flat (scale, zero_point) per group; objective 0 mse, 1 lp, 2 minmax; isa -1 auto, 0 portable, 1 AVX2, 2 AVX-512;
+    reference: the scalar brute force over every candidate, the specification the fast search reproduces bit for bit."""
 
 def quantize(
     x: npt.NDArray[np.float32],

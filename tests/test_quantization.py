@@ -99,10 +99,7 @@ def core_search(w, bits, *, axis=0, block_size=None, symmetric=True, objective=0
             if kind == 0:
                 outer, length, inner = 1, w.shape[0], math.prod(w.shape[1:])
     args = (w, bits, symmetric, objective, grid, p, kind, outer, length, inner, block, sample_weight, *offsets, num_threads)
-    if reference:
-        s, z = _core.scale_search_reference(*args, refine=refine)
-    else:
-        s, z = _core.scale_search(*args, refine=refine, isa=isa)
+    s, z = _core.scale_search(*args, refine=refine, isa=0 if reference else isa, reference=reference)
     return s.reshape(shape), z.reshape(shape)
 
 
