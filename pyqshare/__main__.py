@@ -1,0 +1,5 @@
+import sys
+
+from pyqshare.cli import main
+
+sys.exit(main())

@@ -1,0 +1,17 @@
+"""Driving the real QNN HTP backend that ships in the ``onnxruntime-qnn`` wheel (see ../shared/QNN_NOTES.md)."""
+
+from pyqshare.qnn.ep import (
+    DEFAULT_HTP_OPTIONS,
+    QnnUnavailableError,
+    create_htp_session,
+    htp_session_options,
+    qnn_available,
+)
+
+__all__ = [
+    "DEFAULT_HTP_OPTIONS",
+    "QnnUnavailableError",
+    "create_htp_session",
+    "htp_session_options",
+    "qnn_available",
+]
