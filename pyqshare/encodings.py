@@ -993,8 +993,10 @@ def encodings_from_qdq_model(model: onnx.ModelProto) -> Encodings:
       constant's name without onnxruntime's ``_quantized`` suffix when it has one (``W_quantized`` -> ``W``),
       else the DequantizeLinear's output, the float tensor its consumers read.
     * A QuantizeLinear on any other tensor is an activation named after that tensor (the tensor before
-      quantization); the DequantizeLinear after it adds nothing. A DequantizeLinear on a non-constant tensor
-      that no QuantizeLinear produced (a quantized graph input) is an activation named after its output.
+      quantization), unless its DequantizeLinear produces a graph output: then after that output, the name
+      the float model had (quantizers rename the tensor before, e.g. ``y_QuantizeLinear_Input``). The
+      DequantizeLinear after a QuantizeLinear adds nothing. A DequantizeLinear on a non-constant tensor that
+      no QuantizeLinear produced (a quantized graph input) is an activation named after its output.
     * A blocked DequantizeLinear whose scale is itself a DequantizeLinear of constants is LPBQ.
 
     Parameters
@@ -1044,6 +1046,8 @@ class _ModelIndex:
         self.types: dict[str, int] = {}
         self.ranks: dict[str, int] = {}
         self.scales: set[str] = set()  # scale inputs of QuantizeLinear/DequantizeLinear nodes
+        self.dequantized: dict[str, list[str]] = {}  # QuantizeLinear output -> outputs of DequantizeLinear on it
+        self.graph_outputs = {info.name for info in model.graph.output}
         for graph in _graphs(model.graph):
             for tensor in graph.initializer:
                 self.constants[tensor.name] = tensor
@@ -1059,6 +1063,8 @@ class _ModelIndex:
                     self.producers[output] = node
                 if node.op_type in _QDQ_OPS and node.domain in _QDQ_DOMAINS and len(node.input) > 1:
                     self.scales.add(node.input[1])
+                    if node.op_type == "DequantizeLinear":
+                        self.dequantized.setdefault(node.input[0], []).append(node.output[0])
                 if node.op_type == "Constant" and node.domain in _QDQ_DOMAINS:
                     self.constants[node.output[0]] = _constant_value(node)
         for name, tensor in self.constants.items():
@@ -1128,8 +1134,11 @@ def _node_encoding(node: onnx.NodeProto, index: _ModelIndex) -> tuple[str, Tenso
         elem_type = index.types[x]
     else:
         raise InputError(f"{where}: {x!r} has no zero point and no declared type; its quantized type is unknown")
-    if quantize:
-        section, name = ("params" if x in index.constants else "activations"), x
+    if quantize and x in index.constants:
+        section, name = "params", x
+    elif quantize:
+        exported = [out for out in index.dequantized.get(node.output[0], []) if out in index.graph_outputs]
+        section, name = "activations", exported[0] if exported else x
     elif x in index.constants:
         section, name = "params", _param_name(x, node.output[0])
     else:

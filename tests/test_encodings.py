@@ -533,7 +533,7 @@ def qdq_model() -> tuple[onnx.ModelProto, dict[str, dict[str, TensorEncoding]]]:
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"]),
         helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"]),
-        helper.make_node("DequantizeLinear", ["W_quantized", "W_quantized_scale", "W_quantized_zp"], ["W_dq"], axis=1),
+        helper.make_node("DequantizeLinear", ["W_quantized", "W_quantized_scale", "W_quantized_zp"], ["W_dq"], axis=-1),
         helper.make_node("MatMul", ["x_dq", "W_dq"], ["h1"]),
         helper.make_node("Tile", ["h1", "reps"], ["h1_tiled"]),
         helper.make_node("DequantizeLinear", ["w2_codes", "w2_codes_scale", "w2_codes_zp"], ["w2_dq"], axis=0,
@@ -578,3 +578,42 @@ def test_qdq_model_conflicts_and_non_constant_scales():
     graph.node.append(helper.make_node("QuantizeLinear", ["h1", "h2", "x_zp"], ["h1_q"], name="dynamic"))
     with pytest.raises(InputError, match="QuantizeLinear 'dynamic': 'h2' is not a constant"):
         encodings_from_qdq_model(model)
+
+
+def test_encodings_from_onnxruntime_quantize_static(tmp_path):
+    """A QDQ model from a real producer: params keyed by the float initializers' names (``*_quantized``
+    stripped), activations by the tensors before quantization or the graph output; every encoding reproduces
+    the node's inputs."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    rng = np.random.default_rng(RNG_SEED)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "fc.weight"], ["mm"]), helper.make_node("Add", ["mm", "fc.bias"], ["y"])],
+        [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "fc.weight"),
+         numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "fc.bias")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    onnx.save(model, tmp_path / "float.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.samples = iter([{"x": rng.standard_normal((2, 8)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.samples, None)
+
+    quantize_static(tmp_path / "float.onnx", tmp_path / "qdq.onnx", Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt16, weight_type=QuantType.QInt8)
+    qdq = onnx.load(tmp_path / "qdq.onnx")
+    got = encodings_from_qdq_model(qdq)
+    # onnxruntime renames Add's output to y_QuantizeLinear_Input and lets the DequantizeLinear produce y.
+    assert set(got.params) == {"fc.weight", "fc.bias"} and set(got.activations) == {"x", "mm", "y"}
+    weight = got.params["fc.weight"]
+    assert (weight.kind, weight.bitwidth, weight.symmetric, weight.axis) == (EncodingKind.PER_CHANNEL, 8, True, 1)
+    initializers = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    for name, enc in [("fc.weight", weight), ("x", got.activations["x"]), ("y", got.activations["y"])]:
+        params = enc.to_qdq()
+        assert np.array_equal(params.scale, initializers[f"{name}_scale"])
+        assert np.array_equal(params.zero_point, initializers[f"{name}_zero_point"])
+    write_encodings(tmp_path / "qdq.encodings", got, version="0.6.1")
+    assert read_encodings(tmp_path / "qdq.encodings").params["fc.weight"] == without_axes(weight)
