@@ -1,0 +1,244 @@
+"""Float ONNX model + calibration samples + a QuantScheme -> a QDQ model QNN's HTP validates end to end.
+
+Every float tensor goes through QuantizeLinear/DequantizeLinear, as QNN's HTP requires of a quantized graph:
+- linear-layer weights (MatMul, Gemm, Conv, ConvTranspose, RNN W/R) get the scheme's integer codes and scales,
+  searched with ``scale_search`` and optionally rounded with GPTQ against the layer's calibration inputs;
+- Gemm/Conv biases become int32 with scale ``input_scale * weight_scale`` (QNN's bias format);
+- all other float data (norm parameters, the bias of a MatMul+Add, embedding tables, scalars) is quantized
+  per tensor at the activation bit width, as onnxruntime's QNN recipe does: an embedding table's codes are
+  what its Gather outputs, so they follow the activations;
+- every float activation gets a per-tensor uint8/uint16 pair from the calibrated range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from pyqshare import kernels
+from pyqshare.calibration import collect_activation_ranges, cpu_session, run_session
+from pyqshare.model import Weight, find_weights
+from pyqshare.model.qdq import insert_activation_qdq, quantize_bias_in_place, quantize_weight_in_place
+from pyqshare.quantize.rounding import gptq_round
+from pyqshare.quantize.scheme import LINEAR_ROLES, QuantScheme, WeightScheme
+
+Sample = Mapping[str, np.ndarray]
+
+
+@dataclass
+class LayerResult:
+    """One quantized linear-layer weight: its scheme and how well its codes reproduce it."""
+
+    scheme: WeightScheme
+    elements: int
+    weight_sqnr_db: float
+    packed_bits: int  # codes plus scales and zero points
+
+    def to_dict(self) -> dict:
+        return {"bits": self.scheme.bits, "granularity": self.scheme.granularity,
+                "weight_sqnr_db": round(self.weight_sqnr_db, 3), "elements": self.elements}
+
+
+@dataclass
+class QuantizedModel:
+    model: onnx.ModelProto
+    layers: dict[str, LayerResult] = field(default_factory=dict)
+    packed_bytes: int = 0  # every initializer of the written model at its packed width
+    weight_elements: int = 0  # elements of weights (>= min_elements) that were quantized
+    weight_bits: int = 0  # their packed bits, scales included
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.weight_bits / self.weight_elements if self.weight_elements else 0.0
+
+
+def quantize_model(
+    model: onnx.ModelProto,
+    samples: Sequence[Sample],
+    scheme: QuantScheme,
+    *,
+    model_dir: str | Path | None = None,
+    overrides: Mapping[str, WeightScheme] | None = None,
+    min_elements: int = 64,
+) -> QuantizedModel:
+    """Quantize ``model`` in place into QDQ form and return it with per-layer results.
+
+    Parameters
+    ----------
+    model
+        A float model with static shapes (run :func:`pyqshare.prepare.prepare_model` first for QNN).
+        Modified in place.
+    samples
+        Calibration samples ``{input name: array}``.
+    scheme
+        Default weight scheme and activation settings.
+    model_dir
+        Folder of the model's external data.
+    overrides
+        Weight scheme per linear-layer weight name, replacing the default (mixed precision).
+    min_elements
+        Tensors with fewer elements are not counted as weights in the size figures (../shared/CLI.md).
+    """
+    overrides = dict(overrides or {})
+    weights = find_weights(model, model_dir, min_elements=1)
+    linear = [w for w in weights if w.role in LINEAR_ROLES and w.channel_axis is not None]
+    ranges = collect_activation_ranges(
+        model, samples, method=scheme.activation_method, bits=scheme.activation_bits, model_dir=model_dir
+    )
+    schemes = {w.name: overrides.get(w.name, scheme.weights) for w in linear}
+    layer_inputs = {w.name: _layer_input(model, w) for w in linear if schemes[w.name].rounding == "gptq"}
+    layer_inputs = {name: tensor for name, tensor in layer_inputs.items() if tensor is not None}
+    grams = _input_grams(model, samples, layer_inputs, model_dir)
+
+    result = QuantizedModel(model)
+    weight_scales: dict[str, np.ndarray] = {}
+    for weight in linear:
+        chosen = schemes[weight.name]
+        values = np.asarray(weight.array(), dtype=np.float32)
+        codes, scale, zero_point, axis, block_size = _quantize_linear(values, weight, chosen, grams.get(weight.name))
+        dequantized = kernels.dequantize(codes, scale, zero_point, chosen.bits, axis=axis, block_size=block_size)
+        quantize_weight_in_place(
+            model, weight, codes, scale, zero_point, chosen.elem_type, axis=axis, block_size=block_size
+        )
+        weight_scales[weight.name] = scale
+        packed = weight.size * chosen.bits + scale.size * (32 + chosen.bits)
+        result.layers[weight.name] = LayerResult(chosen, weight.size, _sqnr_db(values, dequantized), packed)
+        if weight.size >= min_elements:
+            result.weight_elements += weight.size
+            result.weight_bits += packed
+
+    linear_names = {w.name for w in linear}
+    for weight in weights:
+        if weight.name in linear_names:
+            continue
+        if _is_int32_bias(weight, weight_scales, layer_inputs_of=model):
+            input_scale = _activation_qparams(*ranges[_layer_input(model, _weight_by_name(linear, weight.bias_of))],
+                                              scheme.activation_bits)[0]
+            quantize_bias_in_place(model, weight, input_scale, weight_scales[weight.bias_of])
+            bits = 32
+        else:
+            _quantize_static(model, weight, scheme.activation_bits, scheme.activation_elem_type)
+            bits = scheme.activation_bits
+        if weight.size >= min_elements:
+            result.weight_elements += weight.size
+            result.weight_bits += weight.size * bits + 32 + bits
+
+    for name, (low, high) in ranges.items():
+        scale, zero_point = _activation_qparams(low, high, scheme.activation_bits)
+        insert_activation_qdq(model, name, scale, zero_point, scheme.activation_elem_type)
+
+    result.packed_bytes = math.ceil(result.weight_bits / 8)
+    return result
+
+
+def _weight_by_name(weights: Sequence[Weight], name: str | None) -> Weight:
+    return next(w for w in weights if w.name == name)
+
+
+def _consumer_node(model: onnx.ModelProto, weight: Weight) -> onnx.NodeProto | None:
+    """The node reading ``weight`` as its linear-layer weight (main graph only)."""
+    if weight.graph:
+        return None
+    names = {name for name, _, _ in weight.consumers}
+    for node in model.graph.node:
+        if (node.name or node.output[0]) in names and weight.name in node.input:
+            return node
+    return None
+
+
+def _layer_input(model: onnx.ModelProto, weight: Weight) -> str | None:
+    """The activation a MatMul/Gemm multiplies ``weight`` with (its Gram matrix drives GPTQ), if 2-D."""
+    node = _consumer_node(model, weight)
+    if node is None or len(weight.shape) != 2 or node.op_type not in ("MatMul", "Gemm"):
+        return None
+    if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
+        return None
+    return node.input[0] if node.input[1] == weight.name else None
+
+
+def _input_grams(model, samples, layer_inputs: Mapping[str, str], model_dir) -> dict[str, np.ndarray]:
+    """``X^T X`` of each layer's input over all calibration samples (rows = positions, columns = features)."""
+    if not layer_inputs:
+        return {}
+    tensors = sorted(set(layer_inputs.values()))
+    grams: dict[str, np.ndarray] = {}
+    with cpu_session(model, extra_outputs=tensors, model_dir=model_dir) as session:
+        for sample in samples:
+            (outputs,) = run_session(session, [sample], tensors)
+            for tensor, values in outputs.items():
+                rows = np.asarray(values, dtype=np.float64).reshape(-1, values.shape[-1])
+                grams[tensor] = grams.get(tensor, 0.0) + rows.T @ rows
+    return {weight: grams[tensor] for weight, tensor in layer_inputs.items()}
+
+
+def _quantize_linear(values: np.ndarray, weight: Weight, scheme: WeightScheme, gram: np.ndarray | None):
+    """(codes, scale, zero_point, DequantizeLinear axis, block_size) for one linear-layer weight."""
+    if scheme.granularity == "per-tensor":
+        axis, block_size = None, None
+    elif scheme.granularity == "per-channel":
+        axis, block_size = weight.channel_axis, None
+    else:
+        axis, block_size = weight.reduction_axis, scheme.block_size
+    objective = "minmax" if scheme.search == "minmax" else "mse"
+    scale, zero_point = kernels.scale_search(
+        values, scheme.bits, axis=axis, block_size=block_size, symmetric=scheme.symmetric, objective=objective
+    )
+    if gram is not None and scheme.granularity != "per-block":
+        # GPTQ works on the (inputs, outputs) view: rows are input features, columns output channels.
+        transposed = weight.channel_axis == 0
+        view = values.T if transposed else values
+        columns = view.shape[1]
+        codes = gptq_round(
+            view,
+            np.broadcast_to(scale, (columns,)),
+            np.broadcast_to(zero_point.astype(np.float64), (columns,)),
+            *scheme.code_range,
+            gram,
+        )
+        codes = np.ascontiguousarray(codes.T if transposed else codes)
+    else:
+        codes = kernels.quantize(values, scale, zero_point, scheme.bits, axis=axis, block_size=block_size)
+    return codes, scale, zero_point, axis, block_size
+
+
+def _is_int32_bias(weight: Weight, weight_scales: Mapping[str, np.ndarray], layer_inputs_of) -> bool:
+    """A Gemm/Conv bias whose weight was quantized: QNN wants it as int32 at input_scale * weight_scale."""
+    if weight.role != "bias" or weight.bias_of not in weight_scales:
+        return False
+    return all(op in ("Gemm", "Conv", "ConvTranspose") for _, op, _ in weight.consumers)
+
+
+def _activation_qparams(low: float, high: float, bits: int) -> tuple[float, int]:
+    """Asymmetric unsigned per-tensor parameters whose grid contains 0 exactly."""
+    levels = (1 << bits) - 1
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = (high - low) / levels if high > low else 1.0
+    zero_point = int(np.clip(round(-low / scale), 0, levels))
+    return float(np.float32(scale)), zero_point
+
+
+def _quantize_static(model: onnx.ModelProto, weight: Weight, bits: int, elem_type: int) -> None:
+    values = np.asarray(weight.array(), dtype=np.float32)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    scale, zero_point = _activation_qparams(low, high, bits)
+    clipped = np.clip(values, np.float32(low), np.float32(high))  # +-inf fill values land on the range ends
+    codes = kernels.quantize(
+        np.ascontiguousarray(clipped), np.float32(scale), np.array(zero_point, dtype=kernels_unsigned(bits)), bits
+    )
+    quantize_weight_in_place(model, weight, codes, scale, zero_point, elem_type)
+
+
+def kernels_unsigned(bits: int) -> type:
+    return np.uint16 if bits == 16 else np.uint8
+
+
+def _sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    noise = float(np.sum((reference.astype(np.float64) - approximation) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
