@@ -5,15 +5,11 @@ Inputs (../shared/CLI.md, "Calibration inputs")
 Without a data file, :func:`default_inputs` makes seeded random samples that match the model's input signature.
 Each input's role is recognised by its name *and* its dtype, first rule that matches:
 
-=========================  ==========================  ===================================================
-name contains              dtype                       values
-=========================  ==========================  ===================================================
-``mask``                   integer, bool or float      ones (attention masks attend to every position)
-``token_type``/``segment`` integer                     zeros
-``position``/``pos_ids``   integer                     0, 1, 2, ... along the last axis
-``ids``/``token``/``input`` integer                    token ids drawn uniformly from [1000, 2000)
-anything                   float                       uniform in [0, 1)
-=========================  ==========================  ===================================================
+1. name contains ``mask``, integer, bool or float dtype: ones (attention masks attend everywhere);
+2. name contains ``token_type`` or ``segment``, integer: zeros;
+3. name contains ``position`` or ``pos_ids``, integer: 0, 1, 2, ... along the last axis;
+4. name contains ``ids``, ``token`` or ``input``, integer: token ids drawn uniformly from [1000, 2000);
+5. any float input: uniform in [0, 1).
 
 Any other input (an integer input with an unrecognised name, strings, ...) is refused with an
 :class:`~pyqshare.errors.InputError` that asks for ``--calibration-data``. Calibration and evaluation samples come
