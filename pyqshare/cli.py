@@ -24,13 +24,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(chosen: str | None) -> argparse.ArgumentParser:
+    """All commands are listed; only the chosen one's module is imported to add its flags."""
     parser = argparse.ArgumentParser(prog="pyqshare", description="Get ONNX model families ready for QNN HTP.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-        importlib.import_module(module).configure(command)
+        if name == chosen:
+            importlib.import_module(module).configure(command)
         command.set_defaults(_module=module)
     return parser
 
@@ -47,7 +49,8 @@ def _print_human(report: dict, indent: str = "") -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser(next((word for word in argv if word in COMMANDS), None))
     args = parser.parse_args(argv)  # argparse exits with status 2 on bad usage
     try:
         report = importlib.import_module(args._module).run(args)

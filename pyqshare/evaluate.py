@@ -25,14 +25,11 @@ lowest, then "-inf", then numbers, then "inf").
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import math
 import os
 import re
-import sys
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -51,7 +48,7 @@ from pyqshare.calibration import (
     run_session,
 )
 from pyqshare.errors import InputError
-from pyqshare.qnn import create_htp_session
+from pyqshare.qnn import create_htp_session, native_stdout_to_stderr
 
 _NOT_CLASS_SCORES = re.compile(r"embed|hidden|pool|feature|state", re.IGNORECASE)
 
@@ -169,7 +166,7 @@ def _shapes_from_candidate(candidate, input_shapes: Mapping[str, Sequence[int]] 
 
 
 def _run_on_htp(path, samples: Sequence[Sample], output_names: Sequence[str], provider_options) -> list[Sample]:
-    with _native_stdout_to_stderr():
+    with native_stdout_to_stderr():
         try:
             session = create_htp_session(path, provider_options)
         except (ort_errors.Fail, ort_errors.NotImplemented, ort_errors.InvalidGraph) as error:
@@ -178,23 +175,6 @@ def _run_on_htp(path, samples: Sequence[Sample], output_names: Sequence[str], pr
                 f"ops needed, see `pyqshare prepare`): {str(error).splitlines()[0]}"
             ) from None
         return run_session(session, samples, output_names)
-
-
-@contextlib.contextmanager
-def _native_stdout_to_stderr() -> Iterator[None]:
-    """Send file descriptor 1 to stderr: the QNN libraries print to it ("# LIBNATIVE: ..."), and with --json
-    stdout must hold the report alone. libc's buffers are flushed before fd 1 comes back, or a pipe's buffered
-    text would reach stdout at exit."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        ctypes.CDLL(None).fflush(None)
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 # ------------------------------------------------------------------------------------------------------ metrics

@@ -527,9 +527,6 @@ def test_models_too_big_for_protobuf_go_through_a_temporary_file(monkeypatch):
 # The fixture's first run exports MiniLM with torch's TorchScript exporter (CLI.md asks for dynamo=False),
 # which warns about itself, about tracing transformers' mask code and about aten::index (a colon cannot
 # appear in a filter, hence "aten..index"); none is ours to fix.
-@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning")
-@pytest.mark.filterwarnings("ignore:Converting a tensor to a Python boolean might cause the trace:Warning")
-@pytest.mark.filterwarnings("ignore:Exporting aten..index operator of advanced indexing:UserWarning")
 def test_minilm_ranges_for_every_tensor(minilm_onnx):
     model = onnx.load(minilm_onnx, load_external_data=False)
     samples = default_inputs(model)

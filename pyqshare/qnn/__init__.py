@@ -5,6 +5,7 @@ from pyqshare.qnn.ep import (
     QnnUnavailableError,
     create_htp_session,
     htp_session_options,
+    native_stdout_to_stderr,
     qnn_available,
 )
 
@@ -13,5 +14,6 @@ __all__ = [
     "QnnUnavailableError",
     "create_htp_session",
     "htp_session_options",
+    "native_stdout_to_stderr",
     "qnn_available",
 ]

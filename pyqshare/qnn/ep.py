@@ -7,9 +7,12 @@ against the documented list), and a session whose EP cannot be created silently 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.util
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 
 import onnxruntime as ort
 
@@ -58,6 +61,23 @@ def _ep_devices() -> list:
     return [device for device in ort.get_ep_devices() if device.ep_name == EP_NAME]
 
 
+@contextlib.contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Send file descriptor 1 to stderr: the QNN libraries print to it ("# LIBNATIVE: ..."), and with --json
+    stdout must hold the report alone. libc's buffers are flushed before fd 1 comes back, or a pipe's buffered
+    text would reach stdout at exit."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def htp_provider_options(options: Mapping[str, object] | None = None) -> dict[str, str]:
     """The HTP backend path and defaults, overridden by ``options`` (every key checked, values as strings)."""
     merged = {"backend_path": _qnn_module().get_qnn_htp_path(), **DEFAULT_HTP_OPTIONS}
@@ -101,4 +121,5 @@ def create_htp_session(
     session_options = htp_session_options(
         provider_options, disable_cpu_fallback=disable_cpu_fallback, config_entries=config_entries
     )
-    return ort.InferenceSession(os.fspath(model) if not isinstance(model, bytes) else model, session_options)
+    with native_stdout_to_stderr():
+        return ort.InferenceSession(os.fspath(model) if not isinstance(model, bytes) else model, session_options)
