@@ -4,7 +4,7 @@ Conventions (../shared/CLI.md): ``--json`` puts exactly one JSON object on stdou
 stderr; exit status 0 on success, 2 for bad usage or input, 1 for a failure of the work itself.
 
 Each command module exposes ``configure(parser)`` (adds its flags) and ``run(args) -> dict`` (does the work
-and returns the report). Modules are imported only when their command runs, so ``pyqshare --help`` is fast.
+and returns the report); ``module:function`` names another run function, for modules serving two commands. Modules are imported only when their command runs, so ``pyqshare --help`` is fast.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from pyqshare.errors import InputError
 
 # command name -> (module, one-line help), in the order of ../shared/CLI.md.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "int8": ("pyqshare.methods.baselines:run_int8", "baseline: per-tensor int8 weights, 8-bit activations"),
+    "int4": ("pyqshare.methods.baselines:run_int4", "baseline: per-tensor int4 weights, 8-bit activations"),
+    "per-channel": ("pyqshare.methods.per_channel", "per-channel/per-block weights via scale_search, calibrated activations"),
     "prepare": ("pyqshare.prepare", "fix shapes, fold shape computations, report QNN HTP placement"),
     "evaluate": ("pyqshare.evaluate", "fidelity of a candidate model against a reference"),
 }
@@ -32,7 +35,7 @@ def _build_parser(chosen: str | None) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
         if name == chosen:
-            importlib.import_module(module).configure(command)
+            importlib.import_module(module.partition(":")[0]).configure(command)
         command.set_defaults(_module=module)
     return parser
 
@@ -53,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser(next((word for word in argv if word in COMMANDS), None))
     args = parser.parse_args(argv)  # argparse exits with status 2 on bad usage
     try:
-        report = importlib.import_module(args._module).run(args)
+        module, _, function = args._module.partition(":")
+        report = getattr(importlib.import_module(module), function or "run")(args)
     except InputError as error:
         print(f"pyqshare {args.command}: {error}", file=sys.stderr)
         return 2

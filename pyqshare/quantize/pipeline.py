@@ -200,7 +200,7 @@ def _quantize_linear(values: np.ndarray, weight: Weight, scheme: WeightScheme, g
             *scheme.code_range,
             gram,
         )
-        codes = np.ascontiguousarray(codes.T if transposed else codes)
+        codes = np.ascontiguousarray(codes.T if transposed else codes, dtype=zero_point.dtype)
     else:
         codes = kernels.quantize(values, scale, zero_point, scheme.bits, axis=axis, block_size=block_size)
     return codes, scale, zero_point, axis, block_size
@@ -223,19 +223,14 @@ def _activation_qparams(low: float, high: float, bits: int) -> tuple[float, int]
 
 
 def _quantize_static(model: onnx.ModelProto, weight: Weight, bits: int, elem_type: int) -> None:
-    values = np.asarray(weight.array(), dtype=np.float32)
+    values = np.asarray(weight.array(), dtype=np.float32).reshape(weight.shape)
     finite = values[np.isfinite(values)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     scale, zero_point = _activation_qparams(low, high, bits)
-    clipped = np.clip(values, np.float32(low), np.float32(high))  # +-inf fill values land on the range ends
-    codes = kernels.quantize(
-        np.ascontiguousarray(clipped), np.float32(scale), np.array(zero_point, dtype=kernels_unsigned(bits)), bits
-    )
+    clipped = np.array(np.clip(values, np.float32(low), np.float32(high)))  # +-inf land on the range ends
+    unsigned = np.uint16 if bits == 16 else np.uint8
+    codes = kernels.quantize(clipped, np.float32(scale), np.array(zero_point, unsigned), bits)
     quantize_weight_in_place(model, weight, codes, scale, zero_point, elem_type)
-
-
-def kernels_unsigned(bits: int) -> type:
-    return np.uint16 if bits == 16 else np.uint8
 
 
 def _sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
