@@ -11,9 +11,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from pyqshare.errors import InputError
 
@@ -99,24 +98,26 @@ def node_names_are_unique(model: onnx.ModelProto) -> bool:
 
 
 def name_nodes_uniquely(model: onnx.ModelProto) -> int:
-    """Give every unnamed or duplicately named node a unique name (``<op_type>_<n>``); returns how many changed.
+    """Name every unnamed or repeatedly named node ``<op_type>_<position>``; returns how many changed.
 
     Logs and reports identify nodes by name, so names must be unique across the main graph and subgraphs.
+    The first node holding a name keeps it; positions count nodes in :func:`iter_nodes` order.
     """
     nodes = list(iter_nodes(model.graph))
     taken = {node.name for node in nodes if node.name}
     seen: set[str] = set()
     renamed = 0
-    counter = 0
-    for node in nodes:
+    for position, node in enumerate(nodes):
         if node.name and node.name not in seen:
             seen.add(node.name)
             continue
-        while f"{node.op_type}_{counter}" in taken:
-            counter += 1
-        node.name = f"{node.op_type}_{counter}"
-        taken.add(node.name)
-        seen.add(node.name)
+        name, suffix = f"{node.op_type}_{position}", 0
+        while name in taken:
+            suffix += 1
+            name = f"{node.op_type}_{position}_{suffix}"
+        node.name = name
+        taken.add(name)
+        seen.add(name)
         renamed += 1
     return renamed
 
@@ -175,10 +176,3 @@ def load_model(model_path: str | os.PathLike[str], flag: str = "--model-path") -
     for tensor in external_tensors(model):
         resolve_external_file(path, external_info(tensor).get("location", ""))
     return model
-
-
-def read_small_tensor(tensor: onnx.TensorProto, model_path: Path) -> np.ndarray:
-    """A tensor's values as an array, reading external data (already validated) if it lives there."""
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(tensor)
-    return numpy_helper.to_array(tensor, base_dir=str(model_path.resolve().parent))
