@@ -1,0 +1,518 @@
+"""``pyqshare prepare``: make a model QNN-ready (static shapes, folded shape computations) and report placement.
+
+QNN compiles static graphs only: a model exported with dynamic axes puts almost nothing on the HTP
+(measured on MiniLM: 46 of 297 nodes, shape arithmetic only, in 8 partitions; every weight on the CPU).
+Fixing the dims is what moves the model onto the HTP; folding the shape computations
+(``Shape -> Gather -> Concat -> Reshape``) then makes the file itself static, every tensor with its shape,
+for the tools that read the file rather than a session (quantizers, QNN converters). onnxruntime 1.31 folds
+them too when it loads a fixed-shape model, so for the float MiniLM the placement is the same with or
+without the offline fold (../shared/QNN_NOTES.md measured a setup where it was not). :func:`prepare_model`
+
+1. fixes every dynamic input dim: ``input_shapes`` first, then the defaults :data:`DEFAULT_DIMS` by dim
+   name (batch 1, sequence 128); any other dynamic dim is an :class:`~pyqshare.errors.InputError` that
+   names it;
+2. folds shape computations into constants: ``Shape``/``Size`` of a tensor whose shape is now static, and
+   any node whose inputs are all constants that are not weights, repeated with ONNX shape inference until
+   nothing changes. Weights (tensors of 64 or more elements in the input) and the nodes that consume them
+   are never touched, nor are ``Q``/``DQ`` nodes, random ops, control flow and nodes inside subgraphs;
+   a folded tensor larger than :data:`MAX_FOLDED_BYTES` stays computed at run time;
+3. names unnamed nodes (logs and placement reports identify nodes by name), infers every shape, checks the
+   result with ``onnx.checker`` and writes it atomically, with external data when the input had it or the
+   model would pass the 2 GiB protobuf limit;
+4. reports the QNN HTP placement (:func:`pyqshare.qnn.placement.placement_report`) of the prepared model and
+   of the original, so the report shows what preparing bought.
+
+The folding is pyqshare's own rather than onnxruntime's offline basic optimization: that one also rewrites
+weights (it folds ``Transpose`` of a weight into a second copy, fuses ``MatMul + Add`` into ``Gemm`` with
+extra ``Reshape`` nodes) and stamps eight onnxruntime opset domains into the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from pyqshare._atomic import atomic_output, atomic_write_bytes
+from pyqshare._onnx_graph import (
+    WEIGHT_MIN_ELEMENTS,
+    count_nodes,
+    external_info,
+    external_tensors,
+    iter_graphs,
+    iter_nodes,
+    load_model,
+    name_nodes_uniquely,
+    resolve_external_file,
+    tensor_elements,
+    weight_bytes,
+    weight_tensors,
+)
+from pyqshare.errors import InputError
+from pyqshare.qnn.placement import placement_report
+
+# Values for dynamic dims by (case-insensitive) name when --input-shape does not give them.
+DEFAULT_DIMS: dict[str, int] = {
+    "batch": 1, "batch_size": 1, "n": 1,
+    "sequence": 128, "sequence_length": 128, "seq": 128, "seq_len": 128, "seq_length": 128,
+}
+MAX_FOLDED_BYTES = 1 << 20
+PLACEMENT_CHOICES = ("both", "prepared", "none")
+
+_PROTOBUF_LIMIT = (1 << 31) - (64 << 20)  # 2 GiB with room for the graph itself
+_EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the .onnx file
+_ALIGNMENT = 4096  # page-aligned offsets let onnxruntime memory-map the external data
+_COPY_CHUNK = 16 << 20
+_NEVER_FOLD = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",  # QDQ structure is what QNN reads
+    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
+    "If", "Loop", "Scan",
+})
+
+
+def parse_input_shapes(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Parse ``--input-shape`` values of the form ``name=1,128`` (one per input).
+
+    Parameters
+    ----------
+    values : Sequence[str]
+        The flag values; a name may appear once, dims are positive integers separated by commas.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        name, sep, dims = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not dims.strip():
+            raise InputError(f"--input-shape {value!r}: expected NAME=D1,D2,... (e.g. input_ids=1,128)")
+        try:
+            shape = tuple(int(dim) for dim in dims.split(","))
+        except ValueError:
+            raise InputError(f"--input-shape {value!r}: dims must be integers separated by commas") from None
+        if any(dim <= 0 for dim in shape):
+            raise InputError(f"--input-shape {value!r}: dims must be positive")
+        if name in shapes:
+            raise InputError(f"--input-shape: input {name!r} given twice")
+        shapes[name] = shape
+    return shapes
+
+
+def _real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are fed at run time (old IR versions also list initializers as inputs)."""
+    initializers = {tensor.name for tensor in graph.initializer}
+    return [value for value in graph.input if value.name not in initializers]
+
+
+def _shape_of(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    """Dims as ints, dim names, or None for an anonymous dynamic dim; None without a tensor shape."""
+    tensor_type = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
+        return None
+    return [dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor_type.shape.dim]
+
+
+def _resolve_input_shapes(
+    graph: onnx.GraphProto, requested: Mapping[str, Sequence[int]]
+) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Static shapes for every input and the value chosen for each named dim."""
+    inputs = {value.name: value for value in _real_inputs(graph)}
+    unknown = sorted(set(requested) - set(inputs))
+    if unknown:
+        raise InputError(f"--input-shape: the model has no input {unknown[0]!r}; inputs: {', '.join(inputs)}")
+    dims: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
+
+    def bind(param: str, value: int, where: str) -> None:
+        if dims.setdefault(param, value) != value:
+            raise InputError(f"--input-shape: dim {param!r} is {dims[param]} elsewhere but {value} for {where}")
+
+    for name, given in requested.items():  # explicit shapes first: they bind the dims they name
+        declared = _shape_of(inputs[name])
+        if declared is None:
+            raise InputError(f"--input-shape: input {name!r} is not a tensor with a shape")
+        if len(declared) != len(given):
+            raise InputError(f"--input-shape: input {name!r} has rank {len(declared)}, got {len(given)} dims")
+        for axis, (old, new) in enumerate(zip(declared, given)):
+            if isinstance(old, int) and old != new:
+                raise InputError(f"--input-shape: input {name!r} dim {axis} is fixed at {old}, got {new}")
+            if isinstance(old, str):
+                bind(old, new, f"input {name!r}")
+        shapes[name] = list(given)
+    for name, value in inputs.items():
+        if name in shapes:
+            continue
+        declared = _shape_of(value)
+        if declared is None:
+            raise InputError(f"input {name!r} is not a tensor with a shape: give --input-shape {name}=...")
+        shape = []
+        for axis, dim in enumerate(declared):
+            if isinstance(dim, str) and dim not in dims and dim.lower() in DEFAULT_DIMS:
+                bind(dim, DEFAULT_DIMS[dim.lower()], f"input {name!r}")
+            if isinstance(dim, int):
+                shape.append(dim)
+            elif dim in dims:
+                shape.append(dims[dim])
+            else:
+                label = f"dim {axis}" + (f" ({dim!r})" if dim else "")
+                raise InputError(
+                    f"input {name!r} {label} is dynamic and has no default: give --input-shape {name}=D1,D2,..."
+                )
+        shapes[name] = shape
+    return shapes, dims
+
+
+def _fix_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], dims: Mapping[str, int]) -> None:
+    """Write the static input shapes and replace bound dim names everywhere; drop stale main-graph value_info."""
+    for graph in iter_graphs(model.graph):
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param in dims:
+                    dim.dim_value = dims[dim.dim_param]
+    for value in _real_inputs(model.graph):
+        for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
+            dim.dim_value = size
+    del model.graph.value_info[:]
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as error:
+        first = str(error).strip().splitlines()[0]
+        raise InputError(f"shape inference fails with these input shapes (see --input-shape): {first}") from None
+
+
+def _static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
+    shapes = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        shape = _shape_of(value)
+        if shape is not None and all(isinstance(dim, int) for dim in shape):
+            shapes[value.name] = tuple(shape)
+    return shapes
+
+
+def _shape_node_value(node: onnx.NodeProto, shape: tuple[int, ...]) -> np.ndarray:
+    if node.op_type == "Size":
+        return np.array(math.prod(shape), dtype=np.int64)
+    attributes = {attribute.name: attribute.i for attribute in node.attribute}
+    start, end = attributes.get("start", 0), attributes.get("end", len(shape))
+    return np.array(shape[slice(start, end)], dtype=np.int64)
+
+
+def _evaluate(
+    node: onnx.NodeProto, values: Mapping[str, np.ndarray], model: onnx.ModelProto
+) -> list[np.ndarray] | None:
+    """The node's outputs computed by the ONNX reference implementation, or None if it cannot compute them."""
+    names = list(dict.fromkeys(name for name in node.input if name))
+    inputs = [
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(values[name].dtype), values[name].shape)
+        for name in names
+    ]
+    outputs = [helper.make_empty_tensor_value_info(name) for name in node.output if name]
+    single = helper.make_model(helper.make_graph([node], "fold", inputs, outputs), opset_imports=model.opset_import)
+    single.ir_version = model.ir_version
+    try:
+        results = ReferenceEvaluator(single).run(None, {name: values[name] for name in names})
+    except Exception:  # noqa: BLE001  (an op the reference cannot run simply stays in the graph)
+        return None
+    if not all(isinstance(result, np.ndarray | np.generic) for result in results):
+        return None  # sequences and optionals are not tensors
+    return [np.asarray(result) for result in results]
+
+
+def _foldable(node: onnx.NodeProto, keep: set[str]) -> bool:
+    """Whether the node may be replaced by constants: a standard, deterministic op without subgraphs that
+    produces none of the names in ``keep`` (graph outputs and weights)."""
+    return (
+        node.domain in ("", "ai.onnx")
+        and node.op_type not in _NEVER_FOLD
+        and not keep.intersection(node.output)
+        and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+    )
+
+
+def _folded_value(
+    node: onnx.NodeProto,
+    values: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    model: onnx.ModelProto,
+) -> list[np.ndarray] | None:
+    """The node's outputs if they are known before run time (from constants or static shapes), else None."""
+    inputs = [name for name in node.input if name]
+    if node.op_type in ("Shape", "Size") and inputs[0] in shapes:
+        return [_shape_node_value(node, shapes[inputs[0]])]
+    if all(name in values for name in inputs):  # weights and run-time values are never in `values`
+        return _evaluate(node, values, model)
+    return None
+
+
+def _used_names(model: onnx.ModelProto) -> set[str]:
+    """Every value a node reads (subgraphs included: they may read outer values) plus the graph outputs."""
+    used = {name for node in iter_nodes(model.graph) for name in node.input if name}
+    return used | {value.name for value in model.graph.output}
+
+
+def _replace_by_constants(
+    model: onnx.ModelProto, folded: list[int], values: Mapping[str, np.ndarray], keep: set[str]
+) -> None:
+    """Remove the folded nodes, store their outputs that are still read as initializers, and drop the
+    constants (initializers, ``Constant`` nodes) that only folded nodes read, except names in ``keep``."""
+    graph = model.graph
+    used_before = _used_names(model)
+    folded_outputs = [name for index in folded for name in graph.node[index].output if name]
+    for index in reversed(folded):
+        del graph.node[index]
+    used = _used_names(model)
+    graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in folded_outputs if name in used)
+    orphaned = used_before - used - keep
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name in orphaned:
+            del graph.initializer[index]
+    for index in reversed(range(len(graph.node))):
+        node = graph.node[index]
+        if node.op_type == "Constant" and not node.domain and node.output[0] in orphaned:
+            del graph.node[index]
+
+
+def _fold_once(model: onnx.ModelProto, weights: set[str]) -> int:
+    """One folding sweep over the main graph in node order; returns the number of nodes folded."""
+    graph = model.graph
+    shapes = _static_shapes(_infer(model).graph)
+    runtime = {value.name for value in graph.input}  # an initializer listed as input can be overridden
+    keep = weights | runtime | {value.name for value in graph.output}
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name not in keep}
+    folded: list[int] = []
+    for index, node in enumerate(graph.node):
+        if not _foldable(node, keep):
+            continue
+        results = _folded_value(node, values, shapes, model)
+        if results is None or sum(result.nbytes for result in results) > MAX_FOLDED_BYTES:
+            continue
+        values.update(zip([name for name in node.output if name], results))
+        if node.op_type != "Constant":  # Constant nodes only lend their values; they go if left unused
+            folded.append(index)
+    if folded:
+        _replace_by_constants(model, folded, values, keep)
+    return len(folded)
+
+
+def _inline_small_external(model: onnx.ModelProto, model_path: Path) -> None:
+    """Read external tensors that are not weights into the graph: folding and shape inference need their values."""
+    for tensor in list(external_tensors(model)):
+        if tensor_elements(tensor) < WEIGHT_MIN_ELEMENTS:
+            values = numpy_helper.to_array(tensor, base_dir=str(model_path.resolve().parent))
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+
+
+def _dynamic_tensors(graph: onnx.GraphProto) -> list[str]:
+    """Run-time inputs and node outputs of the main graph whose shape is not fully static."""
+    static = _static_shapes(graph)
+    produced = [name for node in graph.node for name in node.output if name]
+    return [name for name in [value.name for value in _real_inputs(graph)] + produced if name not in static]
+
+
+def _check_structure(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` on the model; external tensors are checked as empty stand-ins (their bytes are
+    copied verbatim, and the checker would otherwise look for the files relative to the working folder)."""
+    if not any(external_tensors(model)):
+        onnx.checker.check_model(model)
+        return
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)  # cheap: external tensors hold no bytes
+    for tensor in external_tensors(skeleton):
+        del tensor.external_data[:]
+        del tensor.dims[:]
+        tensor.dims.append(0)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    onnx.checker.check_model(skeleton)
+
+
+def _copy_range(source: Path, offset: int, length: int | None, sink) -> int:
+    with open(source, "rb") as handle:
+        handle.seek(offset)
+        remaining = length if length is not None else os.fstat(handle.fileno()).st_size - offset
+        copied = 0
+        while remaining > 0:
+            chunk = handle.read(min(_COPY_CHUNK, remaining))
+            if not chunk:
+                raise InputError(f"{source}: external data ends before the {length} bytes a tensor declares")
+            sink.write(chunk)
+            remaining -= len(chunk)
+            copied += len(chunk)
+    return copied
+
+
+def _write_external_data(model: onnx.ModelProto, model_path: Path, data_path: Path) -> None:
+    """Move every external tensor (copied from the source files) and every initializer of at least
+    1 KiB into ``data_path``, page-aligned, and point the tensors at it; written atomically."""
+    sources = {resolve_external_file(model_path, external_info(t)["location"]) for t in external_tensors(model)}
+    if data_path.resolve() in sources:
+        raise InputError(f"--output-path: its external data file {data_path} is the input's own data file")
+    inline = [t for g in iter_graphs(model.graph) for t in g.initializer
+              if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= _EXTERNAL_MIN_BYTES]
+    with atomic_output(data_path, "wb") as sink:
+        offset = 0
+        for tensor in [*external_tensors(model), *inline]:
+            padding = -offset % _ALIGNMENT
+            sink.write(b"\0" * padding)
+            offset += padding
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = external_info(tensor)
+                source = resolve_external_file(model_path, info["location"])
+                declared = int(info["length"]) if "length" in info else None
+                length = _copy_range(source, int(info.get("offset", 0)), declared, sink)
+            else:
+                sink.write(tensor.raw_data)
+                length = len(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
+            offset += length
+
+
+def _make_static(model: onnx.ModelProto, source: Path, input_shapes: Mapping[str, Sequence[int]]) -> tuple[dict, int]:
+    """Fix the input dims, fold until nothing changes and record every inferred shape in the model.
+
+    Returns the value chosen per dim name and the number of folded nodes.
+    """
+    weights = set(weight_tensors(model))
+    _inline_small_external(model, source)
+    shapes, dims = _resolve_input_shapes(model.graph, input_shapes)
+    _fix_dims(model, shapes, dims)
+    folded = 0
+    while swept := _fold_once(model, weights):
+        folded += swept
+    inferred = _infer(model)
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for value, typed in zip(model.graph.output, inferred.graph.output, strict=True):
+        value.type.CopyFrom(typed.type)
+    return dims, folded
+
+
+def _write_prepared(model: onnx.ModelProto, source: Path, target: Path) -> Path | None:
+    """Check and write the model (atomically); returns its external data file, if it needs one."""
+    _check_structure(model)
+    data_path = None
+    if any(external_tensors(model)) or model.ByteSize() > _PROTOBUF_LIMIT:
+        data_path = target.with_name(target.name + ".data")
+        _write_external_data(model, source, data_path)
+    atomic_write_bytes(target, model.SerializeToString())
+    return data_path
+
+
+def _disk_bytes(*paths: Path | None) -> int:
+    return sum(path.stat().st_size for path in paths if path is not None)
+
+
+def _model_summary(model: onnx.ModelProto) -> dict:
+    return {
+        "nodes": count_nodes(model),
+        "weight_bytes": weight_bytes(model),
+        "input_shapes": {value.name: _shape_of(value) for value in _real_inputs(model.graph)},
+    }
+
+
+def _placement_or_note(path: Path, provider_options: Mapping[str, object] | None) -> dict:
+    """The placement report, or None and the reason (QNN missing, or no session could be created)."""
+    try:
+        return {"placement": placement_report(path, provider_options).to_dict()}
+    except RuntimeError as error:  # QnnUnavailableError included
+        return {"placement": None, "placement_note": str(error)}
+
+
+def prepare_model(
+    model_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    placement: str = "both",
+    provider_options: Mapping[str, object] | None = None,
+) -> dict:
+    """Fix dynamic dims, fold shape computations, write the QNN-ready model and report placement.
+
+    Parameters
+    ----------
+    model_path : str or os.PathLike
+        The ONNX model (external data, if any, in its folder). It is never modified.
+    output_path : str or os.PathLike
+        Where the prepared model goes (written atomically; external data, if any, beside it as
+        ``<name>.data``). Must differ from ``model_path``.
+    input_shapes : Mapping[str, Sequence[int]], optional
+        Static shapes by input name; other inputs take :data:`DEFAULT_DIMS` by dim name.
+    placement : {"both", "prepared", "none"}
+        Which models get a QNN HTP placement report (each opens a real HTP session).
+    provider_options : Mapping[str, object], optional
+        QNN provider options for the placement sessions (see :func:`pyqshare.qnn.ep.htp_provider_options`).
+
+    Returns
+    -------
+    dict
+        ``model``, ``output``, ``size_bytes`` (output on disk), ``external_data`` (file name or None),
+        ``dims`` (value chosen per dim name), ``folded_nodes``, ``renamed_nodes``, ``static_shapes``,
+        ``dynamic_tensors``, and for ``original`` and ``prepared``: ``nodes``, ``weight_bytes``,
+        ``input_shapes`` and ``placement`` (``htp_nodes, cpu_nodes, partitions, htp_weight_bytes,
+        cpu_weight_bytes, cpu_ops, fallback_reasons``; None with a ``placement_note`` when QNN is missing
+        or no session could be created). The written model keeps the input's IR version and opsets.
+    """
+    if placement not in PLACEMENT_CHOICES:
+        raise InputError(f"--placement {placement!r}: choose one of {', '.join(PLACEMENT_CHOICES)}")
+    source, target = Path(model_path), Path(output_path)
+    model = load_model(source)
+    if target.resolve() == source.resolve():
+        raise InputError("--output-path: must differ from --model-path (the input is never overwritten)")
+    try:
+        onnx.checker.check_model(str(source))
+    except onnx.checker.ValidationError as error:
+        raise InputError(f"--model-path: {source} fails onnx.checker: {str(error).splitlines()[0]}") from None
+    original = _model_summary(model)
+    dims, folded = _make_static(model, source, input_shapes or {})
+    renamed = name_nodes_uniquely(model)
+    dynamic = _dynamic_tensors(model.graph)
+    data_path = _write_prepared(model, source, target)
+
+    report = {
+        "model": str(source),
+        "output": str(target),
+        "size_bytes": _disk_bytes(target, data_path),
+        "external_data": data_path.name if data_path else None,
+        "dims": dims,
+        "folded_nodes": folded,
+        "renamed_nodes": renamed,
+        "static_shapes": not dynamic,
+        "dynamic_tensors": dynamic,
+        "original": original,
+        "prepared": _model_summary(model),
+    }
+    if placement != "none":
+        report["prepared"].update(_placement_or_note(target, provider_options))
+    if placement == "both":
+        report["original"].update(_placement_or_note(source, provider_options))
+    return report
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", required=True, help="the ONNX model to prepare")
+    parser.add_argument("--output-path", required=True, help="where the prepared model goes")
+    parser.add_argument(
+        "--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
+        help="static shape of one input (repeat per input); otherwise dims named batch take 1 and "
+             "sequence/seq_len/... take 128, and any other dynamic dim is an error",
+    )
+    parser.add_argument(
+        "--placement", choices=PLACEMENT_CHOICES, default="both",
+        help="which models get a QNN HTP placement report (default: the original and the prepared one)",
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    return prepare_model(
+        args.model_path, args.output_path, parse_input_shapes(args.input_shape), placement=args.placement
+    )
