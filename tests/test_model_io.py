@@ -37,12 +37,26 @@ from pyqshare.model.graph import iter_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(20240611)
-CODE_TYPES = [TensorProto.INT4, TensorProto.UINT4, TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16]
-CODE_RANGES = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15), TensorProto.INT8: (-128, 127),
-               TensorProto.UINT8: (0, 255), TensorProto.INT16: (-32768, 32767), TensorProto.UINT16: (0, 65535)}
+CODE_TYPES = [
+    TensorProto.INT4,
+    TensorProto.UINT4,
+    TensorProto.INT8,
+    TensorProto.UINT8,
+    TensorProto.INT16,
+    TensorProto.UINT16,
+]
+CODE_RANGES = {
+    TensorProto.INT4: (-8, 7),
+    TensorProto.UINT4: (0, 15),
+    TensorProto.INT8: (-128, 127),
+    TensorProto.UINT8: (0, 255),
+    TensorProto.INT16: (-32768, 32767),
+    TensorProto.UINT16: (0, 65535),
+}
 
 
 # ----------------------------------------------------------------------------------------------- builders
+
 
 def rand(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
@@ -119,6 +133,7 @@ def recorded_opens():
 
 # ----------------------------------------------------------------------------------------------- roles
 
+
 def linear_model():
     """x @ W1 (+ b1 after) -> (b2 before +) h @ W2: the MatMul+Add pattern of transformer exports; beside it
     x @ x^T + mask, attention's pattern, whose mask is no bias."""
@@ -132,12 +147,24 @@ def linear_model():
         helper.make_node("MatMul", ["x", "xT"], ["scores"], name="scores"),
         helper.make_node("Add", ["scores", "mask"], ["attention"], name="add_mask"),
     ]
-    inits = [init("W1", rand(16, 32)), init("b1", rand(32)), init("W2", rand(32, 8)), init("b2", rand(8)),
-             init("other", rand(16)), init("mask", rand(2))]
+    inits = [
+        init("W1", rand(16, 32)),
+        init("b1", rand(32)),
+        init("W2", rand(32, 8)),
+        init("b2", rand(8)),
+        init("other", rand(16)),
+        init("mask", rand(2)),
+    ]
     outputs = [value("y", [2, 8]), value("z", [2, 16]), value("attention", [2, 2])]
     model = make_model(nodes, [value("x", [2, 16])], outputs, inits)
-    expected = {"W1": ("matmul", 1, 0, None), "b1": ("bias", 0, None, "W1"), "W2": ("matmul", 1, 0, None),
-                "b2": ("bias", 0, None, "W2"), "other": ("other", None, None, None), "mask": ("other", None, None, None)}
+    expected = {
+        "W1": ("matmul", 1, 0, None),
+        "b1": ("bias", 0, None, "W1"),
+        "W2": ("matmul", 1, 0, None),
+        "b2": ("bias", 0, None, "W2"),
+        "other": ("other", None, None, None),
+        "mask": ("other", None, None, None),
+    }
     return model, {"x": rand(2, 16)}, expected
 
 
@@ -153,12 +180,26 @@ def gemm_model():
         helper.make_node("Gemm", ["x", "B1", "C1"], ["y1"], name="gemm1", transB=1),
         helper.make_node("Gemm", ["A", "x8"], ["y2"], name="gemm_lhs", transA=1),
     ]
-    inits = [init("B0", rand(16, 32)), init("C0", rand(32)), init("B1", rand(24, 16)), init("C1", rand(24)),
-             init("A", rand(16, 12))]
-    model = make_model(nodes, [value("x", [2, 16]), value("x8", [16, 8])],
-                       [value("y0", [2, 32]), value("y1", [2, 24]), value("y2", [12, 8])], inits)
-    expected = {"B0": ("matmul", 1, 0, None), "C0": ("bias", 0, None, "B0"), "B1": ("matmul", 0, 1, None),
-                "C1": ("bias", 0, None, "B1"), "A": ("matmul_lhs", 1, 0, None)}
+    inits = [
+        init("B0", rand(16, 32)),
+        init("C0", rand(32)),
+        init("B1", rand(24, 16)),
+        init("C1", rand(24)),
+        init("A", rand(16, 12)),
+    ]
+    model = make_model(
+        nodes,
+        [value("x", [2, 16]), value("x8", [16, 8])],
+        [value("y0", [2, 32]), value("y1", [2, 24]), value("y2", [12, 8])],
+        inits,
+    )
+    expected = {
+        "B0": ("matmul", 1, 0, None),
+        "C0": ("bias", 0, None, "B0"),
+        "B1": ("matmul", 0, 1, None),
+        "C1": ("bias", 0, None, "B1"),
+        "A": ("matmul_lhs", 1, 0, None),
+    }
     return model, {"x": rand(2, 16), "x8": rand(16, 8)}, expected
 
 
@@ -169,8 +210,12 @@ def conv_model():
     ]
     inits = [init("W", rand(8, 2, 3, 3)), init("B", rand(8)), init("WT", rand(4, 3, 3, 3)), init("BT", rand(6))]
     model = make_model(nodes, [value("x", [1, 4, 5, 5])], [value("y", [1, 8, 5, 5]), value("z", [1, 6, 7, 7])], inits)
-    expected = {"W": ("conv", 0, 1, None), "B": ("bias", 0, None, "W"), "WT": ("conv", 1, 0, None),
-                "BT": ("bias", 0, None, "WT")}
+    expected = {
+        "W": ("conv", 0, 1, None),
+        "B": ("bias", 0, None, "W"),
+        "WT": ("conv", 1, 0, None),
+        "BT": ("bias", 0, None, "WT"),
+    }
     return model, {"x": rand(1, 4, 5, 5)}, expected
 
 
@@ -180,13 +225,25 @@ def rnn_model():
         helper.make_node("LSTM", ["x", "LW", "LR", "LB"], ["ly"], name="lstm", hidden_size=hidden),
         helper.make_node("GRU", ["x", "GW", "GR", "GB"], ["gy"], name="gru", hidden_size=hidden),
     ]
-    inits = [init("LW", rand(1, 4 * hidden, features)), init("LR", rand(1, 4 * hidden, hidden)),
-             init("LB", rand(1, 8 * hidden)), init("GW", rand(1, 3 * hidden, features)),
-             init("GR", rand(1, 3 * hidden, hidden)), init("GB", rand(1, 6 * hidden))]
-    model = make_model(nodes, [value("x", [5, 1, features])],
-                       [value("ly", [5, 1, 1, hidden]), value("gy", [5, 1, 1, hidden])], inits)
-    expected = {"LW": ("rnn_w", 1, 2, None), "LR": ("rnn_r", 1, 2, None), "LB": ("rnn_b", 1, None, None),
-                "GW": ("rnn_w", 1, 2, None), "GR": ("rnn_r", 1, 2, None), "GB": ("rnn_b", 1, None, None)}
+    inits = [
+        init("LW", rand(1, 4 * hidden, features)),
+        init("LR", rand(1, 4 * hidden, hidden)),
+        init("LB", rand(1, 8 * hidden)),
+        init("GW", rand(1, 3 * hidden, features)),
+        init("GR", rand(1, 3 * hidden, hidden)),
+        init("GB", rand(1, 6 * hidden)),
+    ]
+    model = make_model(
+        nodes, [value("x", [5, 1, features])], [value("ly", [5, 1, 1, hidden]), value("gy", [5, 1, 1, hidden])], inits
+    )
+    expected = {
+        "LW": ("rnn_w", 1, 2, None),
+        "LR": ("rnn_r", 1, 2, None),
+        "LB": ("rnn_b", 1, None, None),
+        "GW": ("rnn_w", 1, 2, None),
+        "GR": ("rnn_r", 1, 2, None),
+        "GB": ("rnn_b", 1, None, None),
+    }
     return model, {"x": rand(5, 1, features)}, expected
 
 
@@ -201,14 +258,30 @@ def embedding_and_norm_model():
         helper.make_node("BatchNormalization", ["img", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"], name="bn"),
         helper.make_node("Resize", ["bn", "", "scales"], ["up"], name="resize"),
     ]
-    inits = [init("E", rand(50, 16)), init("ln_scale", rand(16)), init("ln_bias", rand(16)),
-             init("shape", np.array([-1, 16], np.int64)), init("bn_s", rand(4)), init("bn_b", rand(4)),
-             init("bn_m", rand(4)), init("bn_v", np.abs(rand(4)) + 1), init("scales", np.array([1, 1, 2, 2], np.float32)),
-             init("token_table", np.arange(100, dtype=np.int64))]
-    model = make_model(nodes, [value("ids", [2, 3], TensorProto.INT64), value("img", [1, 4, 2, 2])],
-                       [value("logits", [6, 50]), value("up", [1, 4, 4, 4])], inits)
-    expected = {"E": ("matmul", 0, 1, None), "ln_scale": ("norm", 0, None, None), "ln_bias": ("norm", 0, None, None),
-                **{name: ("norm", 0, None, None) for name in ("bn_s", "bn_b", "bn_m", "bn_v")}}
+    inits = [
+        init("E", rand(50, 16)),
+        init("ln_scale", rand(16)),
+        init("ln_bias", rand(16)),
+        init("shape", np.array([-1, 16], np.int64)),
+        init("bn_s", rand(4)),
+        init("bn_b", rand(4)),
+        init("bn_m", rand(4)),
+        init("bn_v", np.abs(rand(4)) + 1),
+        init("scales", np.array([1, 1, 2, 2], np.float32)),
+        init("token_table", np.arange(100, dtype=np.int64)),
+    ]
+    model = make_model(
+        nodes,
+        [value("ids", [2, 3], TensorProto.INT64), value("img", [1, 4, 2, 2])],
+        [value("logits", [6, 50]), value("up", [1, 4, 4, 4])],
+        inits,
+    )
+    expected = {
+        "E": ("matmul", 0, 1, None),
+        "ln_scale": ("norm", 0, None, None),
+        "ln_bias": ("norm", 0, None, None),
+        **{name: ("norm", 0, None, None) for name in ("bn_s", "bn_b", "bn_m", "bn_v")},
+    }
     feeds = {"ids": RNG.integers(0, 50, (2, 3)).astype(np.int64), "img": rand(1, 4, 2, 2)}
     return model, feeds, expected
 
@@ -224,7 +297,12 @@ def test_roles_and_axes_follow_the_consumer(build):
     assert set(weights) == set(expected), "integer tensors and Resize scales are not weights"
     for name, (role, channel, reduction, bias_of) in expected.items():
         weight = weights[name]
-        assert (weight.role, weight.channel_axis, weight.reduction_axis, weight.bias_of) == (role, channel, reduction, bias_of), name
+        assert (weight.role, weight.channel_axis, weight.reduction_axis, weight.bias_of) == (
+            role,
+            channel,
+            reduction,
+            bias_of,
+        ), name
         assert weight.location == "initializer" and weight.graph == ""
         assert weight.nbytes == weight.size * 4 and weight.dtype == np.float32
 
@@ -234,8 +312,12 @@ def test_a_tied_embedding_takes_the_strongest_role_and_lists_every_consumer():
     table = by_name(find_weights(model, None))["E"]
     assert table.role == "matmul" and table.channel_axis == 0
     assert sorted(table.consumers) == [("gather", "Gather", 0), ("lm_head", "Gemm", 1)]
-    alone = make_model([helper.make_node("Gather", ["E", "ids"], ["emb"])], [value("ids", [3], TensorProto.INT64)],
-                       [value("emb", [3, 16])], [init("E", rand(50, 16))])
+    alone = make_model(
+        [helper.make_node("Gather", ["E", "ids"], ["emb"])],
+        [value("ids", [3], TensorProto.INT64)],
+        [value("emb", [3, 16])],
+        [init("E", rand(50, 16))],
+    )
     (embedding,) = find_weights(alone, None)
     assert (embedding.role, embedding.channel_axis) == ("embedding", None)
 
@@ -260,8 +342,9 @@ CHANNEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("build, name, output, axis, hit", CHANNEL_CASES,
-                         ids=[f"{case[0].__name__}-{case[1]}" for case in CHANNEL_CASES])
+@pytest.mark.parametrize(
+    "build, name, output, axis, hit", CHANNEL_CASES, ids=[f"{case[0].__name__}-{case[1]}" for case in CHANNEL_CASES]
+)
 def test_the_channel_axis_indexes_output_channels(build, name, output, axis, hit):
     """Changing one slice of a weight along its channel_axis changes exactly the matching output channels."""
     model, feeds, _ = build()
@@ -279,36 +362,64 @@ def test_the_channel_axis_indexes_output_channels(build, name, output, axis, hit
 
 # ----------------------------------------------------------------------------------------------- locations
 
+
 def locations_model() -> tuple[onnx.ModelProto, dict]:
     """Weights in every place exporters put them: initializers, Constant nodes (tensor and value_floats), If
     branches (local initializer, local Constant, and an outer-scope read), a Loop body with an If nested in
     it, and a Scan body."""
     d = 16
     then_branch = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W_then"], ["t0"], name="then_mm"),
-         helper.make_node("MatMul", ["t0", "W_main"], ["t"], name="then_outer_mm")],
-        "then", [], [value("t", [2, d])], [init("W_then", rand(d, d))])
+        [
+            helper.make_node("MatMul", ["x", "W_then"], ["t0"], name="then_mm"),
+            helper.make_node("MatMul", ["t0", "W_main"], ["t"], name="then_outer_mm"),
+        ],
+        "then",
+        [],
+        [value("t", [2, d])],
+        [init("W_then", rand(d, d))],
+    )
     else_branch = helper.make_graph(
-        [helper.make_node("Constant", [], ["W_else"], name="else_const", value=init("W_else_value", rand(d, d))),
-         helper.make_node("MatMul", ["x", "W_else"], ["e"], name="else_mm")],
-        "else", [], [value("e", [2, d])])
+        [
+            helper.make_node("Constant", [], ["W_else"], name="else_const", value=init("W_else_value", rand(d, d))),
+            helper.make_node("MatMul", ["x", "W_else"], ["e"], name="else_mm"),
+        ],
+        "else",
+        [],
+        [value("e", [2, d])],
+    )
     inner_then = helper.make_graph(
-        [helper.make_node("MatMul", ["h_in", "W_nested"], ["n"], name="nested_mm")], "inner_then", [],
-        [value("n", [2, d])], [init("W_nested", rand(d, d))])
-    inner_else = helper.make_graph([helper.make_node("Identity", ["h_in"], ["m"])], "inner_else", [], [value("m", [2, d])])
+        [helper.make_node("MatMul", ["h_in", "W_nested"], ["n"], name="nested_mm")],
+        "inner_then",
+        [],
+        [value("n", [2, d])],
+        [init("W_nested", rand(d, d))],
+    )
+    inner_else = helper.make_graph(
+        [helper.make_node("Identity", ["h_in"], ["m"])], "inner_else", [], [value("m", [2, d])]
+    )
     loop_body = helper.make_graph(
-        [helper.make_node("MatMul", ["h_in", "W_loop"], ["l0"], name="loop_mm"),
-         helper.make_node("If", ["cond_in"], ["l1"], name="inner", then_branch=inner_then, else_branch=inner_else),
-         helper.make_node("Add", ["l0", "l1"], ["h_out"]),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
-        "body", [value("i", [], TensorProto.INT64), value("cond_in", [], TensorProto.BOOL), value("h_in", [2, d])],
-        [value("cond_out", [], TensorProto.BOOL), value("h_out", [2, d])], [init("W_loop", rand(d, d))])
+        [
+            helper.make_node("MatMul", ["h_in", "W_loop"], ["l0"], name="loop_mm"),
+            helper.make_node("If", ["cond_in"], ["l1"], name="inner", then_branch=inner_then, else_branch=inner_else),
+            helper.make_node("Add", ["l0", "l1"], ["h_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [value("i", [], TensorProto.INT64), value("cond_in", [], TensorProto.BOOL), value("h_in", [2, d])],
+        [value("cond_out", [], TensorProto.BOOL), value("h_out", [2, d])],
+        [init("W_loop", rand(d, d))],
+    )
     scan_body = helper.make_graph(
-        [helper.make_node("Constant", [], ["W_scan"], name="scan_const", value=init("W_scan_value", rand(d, d))),
-         helper.make_node("MatMul", ["row", "W_scan"], ["r"], name="scan_mm"),
-         helper.make_node("Add", ["s_in", "r"], ["s_out"]),
-         helper.make_node("Identity", ["s_out"], ["row_out"])],
-        "scan_body", [value("s_in", [d]), value("row", [d])], [value("s_out", [d]), value("row_out", [d])])
+        [
+            helper.make_node("Constant", [], ["W_scan"], name="scan_const", value=init("W_scan_value", rand(d, d))),
+            helper.make_node("MatMul", ["row", "W_scan"], ["r"], name="scan_mm"),
+            helper.make_node("Add", ["s_in", "r"], ["s_out"]),
+            helper.make_node("Identity", ["s_out"], ["row_out"]),
+        ],
+        "scan_body",
+        [value("s_in", [d]), value("row", [d])],
+        [value("s_out", [d]), value("row_out", [d])],
+    )
     nodes = [
         helper.make_node("MatMul", ["x", "W_main"], ["a"], name="main_mm"),
         helper.make_node("Constant", [], ["W_const"], name="const", value=init("W_const_value", rand(d, d))),
@@ -317,16 +428,26 @@ def locations_model() -> tuple[onnx.ModelProto, dict]:
         helper.make_node("Reshape", ["a2", "flat"], ["a3"]),
         helper.make_node("Concat", ["a3", "a3"], ["a3x2"], axis=0),
         helper.make_node("Add", ["a3x2", "b_floats"], ["a4"], name="floats_add"),
-        helper.make_node("If", ["cond"], ["branch_out"], name="branch", then_branch=then_branch, else_branch=else_branch),
+        helper.make_node(
+            "If", ["cond"], ["branch_out"], name="branch", then_branch=then_branch, else_branch=else_branch
+        ),
         helper.make_node("Loop", ["trip", "cond", "x"], ["loop_out"], name="loop", body=loop_body),
-        helper.make_node("Scan", ["s0", "xs"], ["scan_state", "scan_rows"], name="scan", body=scan_body, num_scan_inputs=1),
+        helper.make_node(
+            "Scan", ["s0", "xs"], ["scan_state", "scan_rows"], name="scan", body=scan_body, num_scan_inputs=1
+        ),
     ]
     model = make_model(
         nodes,
         [value("x", [2, d]), value("cond", [], TensorProto.BOOL), value("s0", [d]), value("xs", [3, d])],
-        [value("a4", [d * 4]), value("branch_out", [2, d]), value("loop_out", [2, d]), value("scan_state", [d]),
-         value("scan_rows", [3, d])],
-        [init("W_main", rand(d, d)), init("trip", np.array(2, np.int64)), init("flat", np.array([-1], np.int64))])
+        [
+            value("a4", [d * 4]),
+            value("branch_out", [2, d]),
+            value("loop_out", [2, d]),
+            value("scan_state", [d]),
+            value("scan_rows", [3, d]),
+        ],
+        [init("W_main", rand(d, d)), init("trip", np.array(2, np.int64)), init("flat", np.array([-1], np.int64))],
+    )
     model.metadata_props.add(key="exporter", value="test")
     model.doc_string = "every weight location"
     feeds = {"x": rand(2, d), "cond": np.array(True), "s0": rand(d), "xs": rand(3, d)}
@@ -334,9 +455,13 @@ def locations_model() -> tuple[onnx.ModelProto, dict]:
 
 
 LOCATIONS = {  # name -> (location, graph)
-    "W_main": ("initializer", ""), "W_const": ("constant", ""), "b_floats": ("constant", ""),
-    "W_then": ("initializer", "branch/then_branch"), "W_else": ("constant", "branch/else_branch"),
-    "W_loop": ("initializer", "loop/body"), "W_nested": ("initializer", "loop/body/inner/then_branch"),
+    "W_main": ("initializer", ""),
+    "W_const": ("constant", ""),
+    "b_floats": ("constant", ""),
+    "W_then": ("initializer", "branch/then_branch"),
+    "W_else": ("constant", "branch/else_branch"),
+    "W_loop": ("initializer", "loop/body"),
+    "W_nested": ("initializer", "loop/body/inner/then_branch"),
     "W_scan": ("constant", "scan/body"),
 }
 
@@ -388,14 +513,20 @@ def test_external_weights_are_memory_mapped_and_never_loaded(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- hostile data
 
-def external_model(folder: Path, location: str, *, offset: int = 0, length: int | None = None, name: str = "m.onnx",
-                   rows: int = 16) -> Path:
+
+def external_model(
+    folder: Path, location: str, *, offset: int = 0, length: int | None = None, name: str = "m.onnx", rows: int = 16
+) -> Path:
     """x @ W with W (rows x 16) given an external-data entry by hand (the data file is not touched here)."""
-    weight = onnx.TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[rows, 16], data_location=TensorProto.EXTERNAL)
+    weight = onnx.TensorProto(
+        name="W", data_type=TensorProto.FLOAT, dims=[rows, 16], data_location=TensorProto.EXTERNAL
+    )
     entries = {"location": location, "offset": str(offset), "length": str(rows * 16 * 4 if length is None else length)}
     for key, entry in entries.items():
         weight.external_data.add(key=key, value=entry)
-    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [value("x", [2, 16])], [value("y", [2, 16])], [weight])
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], [value("x", [2, 16])], [value("y", [2, 16])], [weight]
+    )
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(model, folder / name)
     return folder / name
@@ -457,7 +588,9 @@ def test_links_that_stay_inside_the_folder_are_fine(hostile_setup):
     (folder / "sub" / "alias.bin").symlink_to(folder / "w.bin")
     path = external_model(folder, "sub/alias.bin")
     (weight,) = find_weights(load_model(path), folder)
-    np.testing.assert_array_equal(weight.array(), np.frombuffer((folder / "w.bin").read_bytes(), np.float32).reshape(16, 16))
+    np.testing.assert_array_equal(
+        weight.array(), np.frombuffer((folder / "w.bin").read_bytes(), np.float32).reshape(16, 16)
+    )
 
 
 def test_reading_revalidates_a_location_changed_after_loading(hostile_setup):
@@ -480,6 +613,7 @@ def test_broken_model_files_are_input_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- saving
+
 
 def test_inline_round_trip_keeps_the_model_and_its_outputs(tmp_path):
     model, feeds = locations_model()
@@ -607,14 +741,20 @@ def test_a_model_over_2_gib_streams_through_flat_memory(tmp_path):
             weight.external_data.add(key=key, value=value)
         graph = helper.make_graph([helper.make_node("ReduceSum", ["w"], ["y"], keepdims=0)], "big", [],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], [weight])
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), folder / "m.onnx")
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+        onnx.save(model, folder / "m.onnx")
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         model = load_model(folder / "m.onnx")
         paths = save_model(model, folder / "out" / "big.onnx", model_dir=folder)
         print(len(paths), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
     """)
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
     files, growth_kib = map(int, result.stdout.split())
     assert files == 2, "past 2 GiB the model goes to external data without being asked"
     assert growth_kib < 256 * 1024, f"peak memory grew by {growth_kib} KiB while writing a {size}-byte model"
@@ -625,14 +765,18 @@ def test_a_model_over_2_gib_streams_through_flat_memory(tmp_path):
     data.unlink()
 
 
-@pytest.mark.parametrize("opset, ir_in, ir_out", [(21, 14, 10), (21, 8, 10), (17, 8, 8), (17, 3, 8), (17, 9, 9), (23, 14, 11)])
+@pytest.mark.parametrize(
+    "opset, ir_in, ir_out", [(21, 14, 10), (21, 8, 10), (17, 8, 8), (17, 3, 8), (17, 9, 9), (23, 14, 11)]
+)
 def test_ir_version_is_what_onnxruntime_reads(opset, ir_in, ir_out):
-    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [value("x", [2])], [value("y", [2])],
-                       opset=opset, ir_version=ir_in)
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])], [value("x", [2])], [value("y", [2])], opset=opset, ir_version=ir_in
+    )
     assert supported_ir_version(model) == ir_out
 
 
 # ----------------------------------------------------------------------------------------------- opset
+
 
 def test_opset_is_raised_by_the_import_when_every_op_keeps_its_meaning(tmp_path):
     model, feeds = locations_model()
@@ -648,10 +792,13 @@ def test_opset_is_raised_by_the_import_when_every_op_keeps_its_meaning(tmp_path)
     assert ensure_opset(model) == "kept"
 
 
-@pytest.mark.parametrize("opset, node", [
-    (13, helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=1)),  # axes became an input in 18
-    (11, helper.make_node("Softmax", ["x"], ["y"], axis=1)),  # 13 changed what axis means
-])
+@pytest.mark.parametrize(
+    "opset, node",
+    [
+        (13, helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=1)),  # axes became an input in 18
+        (11, helper.make_node("Softmax", ["x"], ["y"], axis=1)),  # 13 changed what axis means
+    ],
+)
 def test_opset_changes_that_alter_nodes_go_through_the_converter(tmp_path, opset, node):
     x = rand(2, 3, 4)
     shape = [2, 1, 4] if node.op_type == "ReduceMean" else [2, 3, 4]
@@ -664,6 +811,7 @@ def test_opset_changes_that_alter_nodes_go_through_the_converter(tmp_path, opset
 
 
 # ----------------------------------------------------------------------------------------------- QDQ
+
 
 def dequantized(codes, scale, zero_point, axis, block_size) -> np.ndarray:
     """numpy's DequantizeLinear: (codes - zero_point) * scale, scales broadcast per tensor, axis or block."""
@@ -700,11 +848,19 @@ GRANULARITIES = {"per_tensor": (None, None), "per_axis": (1, None), "blocked": (
 def test_quantized_weights_compute_what_numpy_dequantizes(tmp_path, elem_type, granularity):
     axis, block_size = GRANULARITIES[granularity]
     shape = (15, 33)  # odd sizes: a partial last block and an odd number of packed int4 values
-    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [value("x", [3, 15])],
-                       [value("y", [3, 33])], [init("W", rand(*shape))], opset=17, ir_version=8)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        [value("x", [3, 15])],
+        [value("y", [3, 33])],
+        [init("W", rand(*shape))],
+        opset=17,
+        ir_version=8,
+    )
     (weight,) = find_weights(model, None)
     codes, scale, zero_point = random_codes(shape, elem_type, axis, block_size)
-    stored = quantize_weight_in_place(model, weight, codes, scale, zero_point, elem_type, axis=axis, block_size=block_size)
+    stored = quantize_weight_in_place(
+        model, weight, codes, scale, zero_point, elem_type, axis=axis, block_size=block_size
+    )
     assert default_opset(model) == 21
     (path,) = save_model(model, tmp_path / "q.onnx")
     check_written(path)
@@ -721,8 +877,12 @@ def test_quantized_weights_compute_what_numpy_dequantizes(tmp_path, elem_type, g
 def test_onnxruntime_cpu_approximates_int8_weight_matmuls_unless_told_not_to():
     """A measured fact the evaluation code must know: by default onnxruntime (1.31) runs int8-weight QDQ
     MatMuls as MatMulNBits with int8 activations, so CPU outputs are not the QDQ model's exact meaning."""
-    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [value("x", [4, 64])], [value("y", [4, 32])],
-                       [init("W", rand(64, 32))])
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [value("x", [4, 64])],
+        [value("y", [4, 32])],
+        [init("W", rand(64, 32))],
+    )
     (weight,) = find_weights(model, None)
     codes, scale, zero_point = random_codes(weight.shape, TensorProto.INT8, 1, None)
     quantize_weight_in_place(model, weight, codes, scale, zero_point, TensorProto.INT8, axis=1)
@@ -750,7 +910,9 @@ def test_weights_are_quantized_in_every_location(tmp_path):
         values = dequantized(codes, scale, zero_point, axis, block_size)
         replace_weight(reference, by_name(find_weights(reference, None))[weight.name], values)
     assert find_weights(loaded, path.parent) == []
-    constants = [node.output[0] for _, graph in iter_graphs(loaded) for node in graph.node if node.op_type == "Constant"]
+    constants = [
+        node.output[0] for _, graph in iter_graphs(loaded) for node in graph.node if node.op_type == "Constant"
+    ]
     assert not [name for name in constants if name.startswith(("W_", "b_"))], "Constant weights became DequantizeLinear"
     paths = save_model(loaded, tmp_path / "q" / "q.onnx", external_data=True, model_dir=path.parent)
     check_written(paths[0])
@@ -766,17 +928,28 @@ def fake_quantized(x: np.ndarray, scale: float, zero_point: int, elem_type: int)
     return ((codes - zero_point) * np.float32(scale)).astype(np.float32)
 
 
-@pytest.mark.parametrize("elem_type", [TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16],
-                         ids=TensorProto.DataType.Name)
+@pytest.mark.parametrize(
+    "elem_type",
+    [TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16],
+    ids=TensorProto.DataType.Name,
+)
 def test_activation_qdq_on_inputs_intermediates_and_outputs(tmp_path, elem_type):
     w = rand(16, 8)
-    model = make_model([helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
-                        helper.make_node("Relu", ["h"], ["y"], name="relu"),
-                        helper.make_node("Sigmoid", ["h"], ["h_out"], name="sig")],
-                       [value("x", [4, 16])], [value("y", [4, 8]), value("h_out", [4, 8])], [init("W", w)])
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+            helper.make_node("Relu", ["h"], ["y"], name="relu"),
+            helper.make_node("Sigmoid", ["h"], ["h_out"], name="sig"),
+        ],
+        [value("x", [4, 16])],
+        [value("y", [4, 8]), value("h_out", [4, 8])],
+        [init("W", w)],
+    )
     low, high = CODE_RANGES[elem_type]
-    params = {name: (float(RNG.uniform(6, 10)) / (high - low), int(RNG.integers(low, high + 1) // 4 + (high + low) // 2))
-              for name in ("x", "h", "y")}
+    params = {
+        name: (float(RNG.uniform(6, 10)) / (high - low), int(RNG.integers(low, high + 1) // 4 + (high + low) // 2))
+        for name in ("x", "h", "y")
+    }
     assert insert_activation_qdq(model, "x", *params["x"], elem_type) == "x_dequantized"
     assert insert_activation_qdq(model, "h", *params["h"], elem_type) == "h"
     assert insert_activation_qdq(model, "y", *params["y"], elem_type) == "y"
@@ -806,13 +979,24 @@ def test_activation_qdq_inside_a_subgraph(tmp_path):
 
 
 def bias_models():
-    conv = make_model([helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1])], [value("x", [1, 4, 6, 6])],
-                      [value("y", [1, 8, 6, 6])], [init("W", rand(8, 4, 3, 3)), init("B", rand(8))])
-    gemm = make_model([helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)], [value("x", [2, 16])],
-                      [value("y", [2, 8])], [init("W", rand(8, 16)), init("B", rand(8))])
+    conv = make_model(
+        [helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1])],
+        [value("x", [1, 4, 6, 6])],
+        [value("y", [1, 8, 6, 6])],
+        [init("W", rand(8, 4, 3, 3)), init("B", rand(8))],
+    )
+    gemm = make_model(
+        [helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)],
+        [value("x", [2, 16])],
+        [value("y", [2, 8])],
+        [init("W", rand(8, 16)), init("B", rand(8))],
+    )
     linear = linear_model()[0]
-    return [("conv", conv, {"x": rand(1, 4, 6, 6)}, True), ("gemm", gemm, {"x": rand(2, 16)}, False),
-            ("matmul_add", linear, {"x": rand(2, 16)}, True)]
+    return [
+        ("conv", conv, {"x": rand(1, 4, 6, 6)}, True),
+        ("gemm", gemm, {"x": rand(2, 16)}, False),
+        ("matmul_add", linear, {"x": rand(2, 16)}, True),
+    ]
 
 
 @pytest.mark.parametrize("case", bias_models(), ids=lambda case: case[0])
@@ -865,6 +1049,7 @@ def test_bad_quantization_requests_are_refused():
 
 # ----------------------------------------------------------------------------------------------- MiniLM
 
+
 def test_minilm_weights_roles_and_axes(minilm_onnx):
     model = load_model(minilm_onnx)
     weights = find_weights(model, Path(minilm_onnx).parent)
@@ -886,8 +1071,11 @@ def test_minilm_weights_roles_and_axes(minilm_onnx):
 def test_minilm_opset_17_to_21_by_the_import(tmp_path, minilm_onnx):
     model = load_model(minilm_onnx)
     assert default_opset(model) == 17
-    feeds = {"input_ids": RNG.integers(1000, 2000, (1, 16)).astype(np.int64),
-             "attention_mask": np.ones((1, 16), np.int64), "token_type_ids": np.zeros((1, 16), np.int64)}
+    feeds = {
+        "input_ids": RNG.integers(1000, 2000, (1, 16)).astype(np.int64),
+        "attention_mask": np.ones((1, 16), np.int64),
+        "token_type_ids": np.zeros((1, 16), np.int64),
+    }
     reference = run(Path(minilm_onnx), feeds)
     assert ensure_opset(model) == "import"
     (path,) = save_model(model, tmp_path / "m21.onnx")

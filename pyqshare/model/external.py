@@ -79,8 +79,8 @@ def resolve_external(tensor: onnx.TensorProto, model_dir: str | os.PathLike[str]
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = info.get("location", "")
     where = f"tensor {tensor.name!r}: external data location {location!r}"
-    if not location:
-        raise InputError(f"tensor {tensor.name!r}: external data without a location")
+    if not location or "\0" in location:
+        raise InputError(f"tensor {tensor.name!r}: external data without a valid location ({location!r})")
     if _is_absolute(location):
         raise InputError(f"{where} is an absolute path; only paths inside the model's folder are read")
     if ".." in re.split(r"[\\/]", location):
@@ -93,6 +93,8 @@ def resolve_external(tensor: onnx.TensorProto, model_dir: str | os.PathLike[str]
         status = os.stat(target)
     except FileNotFoundError:
         raise InputError(f"{where}: no such file in {base}") from None
+    except OSError as error:
+        raise InputError(f"{where}: {error.strerror}") from None
     if not stat.S_ISREG(status.st_mode):
         raise InputError(f"{where} is not a regular file")
     try:
@@ -112,7 +114,10 @@ def resolve_external(tensor: onnx.TensorProto, model_dir: str | os.PathLike[str]
 def _open_validated(data: ExternalData) -> int:
     """Open the validated file without following a final symbolic link, and check its size again, so that
     a file swapped or truncated since validation is refused rather than read past its end."""
-    fd = os.open(data.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(data.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as error:
+        raise InputError(f"{data.path}: {error.strerror}") from None
     size = os.fstat(fd).st_size
     if data.offset + data.length > size:
         os.close(fd)

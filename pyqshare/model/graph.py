@@ -8,7 +8,7 @@ attribute adds ``[i]``. Example: ``"loop_1/body/if_3/then_branch"``. Node names 
 so paths are looked up in :func:`iter_graphs`' listing, never split.
 
 A subgraph reads names of enclosing graphs (outer scope) unless it defines them itself (as an input,
-initializer or node output): :func:`consumers` follows those reads.
+initializer or node output): :func:`readers` follows those reads.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import onnx
 from onnx import AttributeProto
 
 __all__ = [
-    "consumers",
     "declared_type",
     "defined_names",
     "find_graph",
     "iter_graphs",
     "iter_tensors",
+    "node_label",
     "NameFactory",
     "producer_index",
+    "readers",
     "subgraphs",
 ]
 
@@ -94,15 +95,20 @@ def defined_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def consumers(graph: onnx.GraphProto, name: str) -> list[tuple[onnx.NodeProto, int]]:
-    """Every ``(node, input index)`` that reads ``name`` as defined in ``graph``: nodes of ``graph`` and nodes
-    of its subgraphs that read it from the outer scope (a subgraph that defines ``name`` itself shadows it)."""
-    found = []
+def readers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int, onnx.GraphProto]]]:
+    """name -> every ``(node, input index, the node's graph)`` reading it as ``graph`` defines it: nodes of
+    ``graph``, and nodes of its subgraphs reading it from the outer scope (a subgraph that defines the name
+    itself shadows it)."""
+    found: dict[str, list] = {}
     for node in graph.node:
-        found.extend((node, i) for i, value in enumerate(node.input) if value == name)
+        for index, name in enumerate(node.input):
+            if name:
+                found.setdefault(name, []).append((node, index, graph))
         for _, sub in subgraphs(node):
-            if name not in defined_names(sub):
-                found.extend(consumers(sub, name))
+            own = defined_names(sub)
+            for name, nested in readers(sub).items():
+                if name not in own:
+                    found.setdefault(name, []).extend(nested)
     return found
 
 

@@ -117,7 +117,7 @@ def save_model(
         in protobuf's 2 GiB).
     model_dir
         The folder the model was loaded from. Needed when tensors still live in external data: they are
-        re-validated there and streamed (memory-mapped, never loaded whole) into the output.
+        re-validated there and copied into the output in 16 MiB chunks (never loaded whole).
     external_data_threshold
         Serialized size in bytes above which ``"auto"`` switches to external data (default: protobuf's
         limit, 2 GiB - 1). Tests lower it to exercise the external path on small models.
@@ -125,9 +125,10 @@ def save_model(
     Notes
     -----
     Each file is written to a temporary sibling, synced, and renamed; the data file is renamed just before
-    the model file, so an exception at any point leaves the previous files untouched. When the output
-    lands in ``model_dir``, external tensors are left pointing at the new data file (the previous one may
-    just have been replaced); otherwise they keep pointing at their source.
+    the model file, once both are complete, so an exception leaves the previous files untouched (only a
+    crash between the two renames could pair a new data file with the old model). When the output lands
+    in ``model_dir``, external tensors are left pointing at the new data file (it may just have replaced
+    theirs); otherwise they keep pointing at their source.
 
     Peak memory is the model plus one tensor (and, for a model written inline, its serialized bytes).
     """

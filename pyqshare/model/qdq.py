@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pyqshare.model.graph import NameFactory, consumers, declared_type, find_graph, producer_index
+from pyqshare.model.graph import NameFactory, declared_type, find_graph, producer_index, readers
 from pyqshare.model.opset import ensure_opset
 from pyqshare.model.weights import Weight, locate
 
@@ -241,7 +241,7 @@ def insert_activation_qdq(
         outputs[list(outputs).index(tensor_name)] = source
     elif any(value.name == tensor_name for value in owner.input):
         source, result, position = tensor_name, names(f"{tensor_name}_dequantized"), 0
-        for node, index in consumers(owner, tensor_name):
+        for node, index, _ in readers(owner).get(tensor_name, []):
             node.input[index] = result
     else:
         where = f"graph {graph!r}" if graph else "the main graph"

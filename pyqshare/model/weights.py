@@ -56,7 +56,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from pyqshare.model.external import external_array, is_external, resolve_external, set_raw, tensor_data_nbytes
-from pyqshare.model.graph import defined_names, find_graph, iter_graphs, node_label, producer_index, subgraphs
+from pyqshare.model.graph import find_graph, iter_graphs, node_label, producer_index, readers
 
 __all__ = ["ROLES", "Weight", "find_weights", "replace_weight"]
 
@@ -181,22 +181,6 @@ def _role(node: onnx.NodeProto, index: int, ndim: int, graph: onnx.GraphProto):
     return "other", None, None, None
 
 
-def _reads(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int, onnx.GraphProto]]]:
-    """name -> every (node, input index, node's graph) reading it, in ``graph`` or as a free name of a
-    subgraph (one that the subgraph does not define itself)."""
-    reads: dict[str, list] = {}
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            if name:
-                reads.setdefault(name, []).append((node, index, graph))
-        for _, sub in subgraphs(node):
-            own = defined_names(sub)
-            for name, found in _reads(sub).items():
-                if name not in own:
-                    reads.setdefault(name, []).extend(found)
-    return reads
-
-
 def _candidates(graph: onnx.GraphProto):
     """``(name, location, source, data type, shape)`` of every tensor stored in ``graph``."""
     for tensor in graph.initializer:
@@ -244,7 +228,7 @@ def find_weights(
             if data_type not in _FLOAT_TYPES or math.prod(shape) < min_elements:
                 continue
             if reads is None:
-                reads = _reads(graph)
+                reads = readers(graph)
             roles = []
             for node, index, node_graph in reads.get(name, []):
                 role = _role(node, index, len(shape), node_graph)
@@ -252,8 +236,8 @@ def find_weights(
                     break
                 roles.append(role)
             else:
-                readers = reads.get(name, [])
-                weights.append(_weight(name, location, path, source, data_type, shape, readers, roles, model_dir))
+                found = reads.get(name, [])
+                weights.append(_weight(name, location, path, source, data_type, shape, found, roles, model_dir))
     return weights
 
 
