@@ -4,8 +4,10 @@ writes with and without external data, opset upgrades, and QDQ insertion at ever
 from __future__ import annotations
 
 import contextlib
+import inspect
 import mmap
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -450,6 +452,7 @@ def locations_model() -> tuple[onnx.ModelProto, dict]:
     )
     model.metadata_props.add(key="exporter", value="test")
     model.doc_string = "every weight location"
+    model.graph.value_info.extend([value("a", [2, d]), value("a3x2", [d * 4])])
     feeds = {"x": rand(2, d), "cond": np.array(True), "s0": rand(d), "xs": rand(3, d)}
     return model, feeds
 
@@ -480,6 +483,9 @@ def test_weights_are_found_in_every_location_and_subgraph():
         assert weight.name in stored
     const_node = next(node for node in model.graph.node if node.name == "const")
     np.testing.assert_array_equal(weights["W_const"].array(), numpy_helper.to_array(const_node.attribute[0].t))
+    # An unnamed node is named by its first output in graph paths.
+    next(node for node in model.graph.node if node.name == "branch").name = ""
+    assert by_name(find_weights(model, None))["W_then"].graph == "branch_out/then_branch"
 
 
 def save_with_external(model: onnx.ModelProto, folder: Path, name: str = "m.onnx") -> Path:
@@ -645,6 +651,7 @@ def test_external_data_via_the_threshold(tmp_path):
     assert all(e["location"] == "q.onnx.data" and int(e["offset"]) % 64 == 0 for e in entries)
     assert all(len(t.raw_data) < 1024 for t in tensors if t.data_location != TensorProto.EXTERNAL)
     assert os.path.getsize(paths[1]) == 7 * 1024 and os.path.getsize(paths[0]) < 4096
+    assert load_model(paths[0], load_weights=True) == model, "everything but the tensors' storage is kept"
     for before, after in zip(run(model, feeds), run(paths[0], feeds)):
         np.testing.assert_array_equal(before, after)
     small = save_model(model, tmp_path / "auto.onnx")  # below the 2 GiB default: one file
@@ -1045,6 +1052,17 @@ def test_bad_quantization_requests_are_refused():
     quantize_weight_in_place(model, weight, codes, 0.1, 0, TensorProto.INT8)
     with pytest.raises(ValueError, match="no longer stored"):
         quantize_weight_in_place(model, weight, codes, 0.1, 0, TensorProto.INT8)
+
+
+def test_every_public_function_documents_its_arguments():
+    import pyqshare.model
+
+    for name in pyqshare.model.__all__:
+        function = getattr(pyqshare.model, name)
+        if inspect.isfunction(function):
+            doc = inspect.getdoc(function) or ""
+            missing = [p for p in inspect.signature(function).parameters if not re.search(rf"\b{p}\b", doc)]
+            assert not missing, f"{name} docstring does not describe {missing}"
 
 
 # ----------------------------------------------------------------------------------------------- MiniLM

@@ -53,7 +53,7 @@ def _join(path: str, node: onnx.NodeProto, attr_label: str) -> str:
 
 
 def iter_graphs(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.GraphProto]]:
-    """Yield ``(path, graph)`` for the main graph and every subgraph, depth first, parents before children."""
+    """Yield ``(path, graph)`` for ``model``'s main graph and every subgraph, depth first, parents first."""
     stack = [("", model.graph)]
     while stack:
         path, graph = stack.pop()
