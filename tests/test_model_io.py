@@ -728,7 +728,7 @@ def test_a_model_over_2_gib_without_external_data_is_refused(tmp_path):
 
 def test_a_model_over_2_gib_streams_through_flat_memory(tmp_path):
     """save_model chooses external data by itself past 2 GiB and copies the data in chunks: measured peak
-    memory of the writing process stays far below the model's size. (Writes 2.1 GB; about 5 s here.)"""
+    memory of the writing process stays far below the model's size. (Writes 2.1 GB: 5 to 14 s here.)"""
     size = 2**31 + 2**26
     free = os.statvfs(tmp_path)
     if free.f_bavail * free.f_frsize < 3 * size:
