@@ -57,6 +57,7 @@ from pyqshare._onnx_graph import (
 )
 from pyqshare.errors import InputError
 from pyqshare.qnn.placement import placement_report
+from pyqshare.qnn.rewrites import fuse_gelu
 
 # Values for dynamic dims by (case-insensitive) name when --input-shape does not give them.
 DEFAULT_DIMS: dict[str, int] = {
@@ -390,6 +391,7 @@ def _make_static(model: onnx.ModelProto, source: Path, input_shapes: Mapping[str
     folded = 0
     while swept := _fold_once(model, weights):
         folded += swept
+    fuse_gelu(model)
     inferred = _infer(model)
     model.graph.value_info.extend(inferred.graph.value_info)
     for value, typed in zip(model.graph.output, inferred.graph.output, strict=True):

@@ -31,7 +31,9 @@ KNOWN_PROVIDER_OPTIONS = frozenset({
 })
 
 # Snapdragon 8 Gen 2 (SM8550): soc_model 43, HTP v73. The x86 simulator needs soc_model for fp16 graphs.
-DEFAULT_HTP_OPTIONS: dict[str, str] = {"soc_model": "43", "htp_arch": "73"}
+# offload_graph_io_quantization=0: the HTP also runs the graph's input Q and output DQ nodes; by default the
+# EP leaves them to the CPU provider, so a fully quantized model would never run with CPU fallback disabled.
+DEFAULT_HTP_OPTIONS: dict[str, str] = {"soc_model": "43", "htp_arch": "73", "offload_graph_io_quantization": "0"}
 
 _registered = False
 
