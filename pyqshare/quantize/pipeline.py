@@ -91,7 +91,7 @@ def quantize_model(
         model, samples, method=scheme.activation_method, bits=scheme.activation_bits, model_dir=model_dir
     )
     schemes = {w.name: overrides.get(w.name, scheme.weights) for w in linear}
-    layer_inputs = {w.name: _layer_input(model, w) for w in linear if schemes[w.name].rounding == "gptq"}
+    layer_inputs = {w.name: _gptq_input(model, w) for w in linear if schemes[w.name].rounding == "gptq"}
     layer_inputs = {name: tensor for name, tensor in layer_inputs.items() if tensor is not None}
     grams = _input_grams(model, samples, layer_inputs, model_dir)
 
@@ -116,9 +116,9 @@ def quantize_model(
     for weight in weights:
         if weight.name in linear_names:
             continue
-        if _is_int32_bias(weight, weight_scales, layer_inputs_of=model):
-            input_scale = _activation_qparams(*ranges[_layer_input(model, _weight_by_name(linear, weight.bias_of))],
-                                              scheme.activation_bits)[0]
+        layer_input = _int32_bias_input(model, weight, linear, weight_scales)
+        if layer_input in ranges:
+            input_scale = _activation_qparams(*ranges[layer_input], scheme.activation_bits)[0]
             quantize_bias_in_place(model, weight, input_scale, weight_scales[weight.bias_of])
             bits = 32
         else:
@@ -152,13 +152,21 @@ def _consumer_node(model: onnx.ModelProto, weight: Weight) -> onnx.NodeProto | N
 
 
 def _layer_input(model: onnx.ModelProto, weight: Weight) -> str | None:
-    """The activation a MatMul/Gemm multiplies ``weight`` with (its Gram matrix drives GPTQ), if 2-D."""
+    """The activation a linear layer multiplies ``weight`` with (its input 0, the weight being input 1)."""
     node = _consumer_node(model, weight)
-    if node is None or len(weight.shape) != 2 or node.op_type not in ("MatMul", "Gemm"):
+    if node is None or len(node.input) < 2 or node.input[1] != weight.name:
         return None
     if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
         return None
-    return node.input[0] if node.input[1] == weight.name else None
+    return node.input[0]
+
+
+def _gptq_input(model: onnx.ModelProto, weight: Weight) -> str | None:
+    """The layer input whose Gram matrix drives GPTQ: 2-D MatMul/Gemm weights only (Conv would need im2col)."""
+    node = _consumer_node(model, weight)
+    if node is None or len(weight.shape) != 2 or node.op_type not in ("MatMul", "Gemm"):
+        return None
+    return _layer_input(model, weight)
 
 
 def _input_grams(model, samples, layer_inputs: Mapping[str, str], model_dir) -> dict[str, np.ndarray]:
@@ -206,11 +214,14 @@ def _quantize_linear(values: np.ndarray, weight: Weight, scheme: WeightScheme, g
     return codes, scale, zero_point, axis, block_size
 
 
-def _is_int32_bias(weight: Weight, weight_scales: Mapping[str, np.ndarray], layer_inputs_of) -> bool:
-    """A Gemm/Conv bias whose weight was quantized: QNN wants it as int32 at input_scale * weight_scale."""
+def _int32_bias_input(model, weight: Weight, linear: Sequence[Weight], weight_scales) -> str | None:
+    """For a Gemm/Conv bias whose weight was quantized (QNN wants it as int32 at input_scale * weight_scale):
+    the layer's input activation; else None."""
     if weight.role != "bias" or weight.bias_of not in weight_scales:
-        return False
-    return all(op in ("Gemm", "Conv", "ConvTranspose") for _, op, _ in weight.consumers)
+        return None
+    if not all(op in ("Gemm", "Conv", "ConvTranspose") for _, op, _ in weight.consumers):
+        return None
+    return _layer_input(model, _weight_by_name(linear, weight.bias_of))
 
 
 def _activation_qparams(low: float, high: float, bits: int) -> tuple[float, int]:
