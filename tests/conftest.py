@@ -31,3 +31,14 @@ def minilm_onnx(pytestconfig: pytest.Config):
     if not path.exists():
         export_minilm(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def ppocr_cls_onnx(pytestconfig: pytest.Config):
+    """A real CNN: PP-OCR's MobileNetV3 text-direction classifier, from the rapidocr-onnxruntime wheel, cached."""
+    from pyqshare.zoo import fetch_ppocr
+
+    path = pytestconfig.cache.mkdir("pyqshare-models") / "ppocr-cls.onnx"
+    if not path.exists():
+        fetch_ppocr("cls", path)
+    return path

@@ -11,64 +11,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from pyqshare.calibration import default_inputs, run_model
 from pyqshare.encodings import read_encodings
 from pyqshare.evaluate import evaluate, summarize_outputs
 from pyqshare.model import load_model
+from pyqshare.zoo import synthetic_cnn as conv_model
+from pyqshare.zoo import synthetic_mlp as mlp_model
 
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
-
-
-def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
-
-
-def mlp_model(path: Path, *, seed: int = 0, features: int = 32, hidden: int = 64) -> Path:
-    """x -> MatMul+Add -> Gelu -> MatMul+Add -> LayerNorm, with correlated weights (like a trained layer)."""
-    rng = np.random.default_rng(seed)
-    mix = rng.standard_normal((features, features)) / np.sqrt(features)
-    w1 = (mix @ rng.standard_t(4, (features, hidden)) * 0.3)
-    w2 = rng.standard_t(4, (hidden, features)) * 0.2
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
-        helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
-        helper.make_node("Gelu", ["h1"], ["h2"], name="act"),
-        helper.make_node("MatMul", ["h2", "w2"], ["h3"], name="fc2"),
-        helper.make_node("Add", ["h3", "b2"], ["h4"], name="fc2_bias"),
-        helper.make_node("LayerNormalization", ["h4", "gamma", "beta"], ["y"], name="norm", axis=-1),
-    ]
-    inits = [_init("w1", w1), _init("b1", rng.standard_normal(hidden) * 0.1), _init("w2", w2),
-             _init("b2", rng.standard_normal(features) * 0.1), _init("gamma", 1 + 0.1 * rng.standard_normal(features)),
-             _init("beta", 0.1 * rng.standard_normal(features))]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, features])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, features])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    onnx.save(model, path)
-    return path
-
-
-def conv_model(path: Path, *, seed: int = 1) -> Path:
-    """A small CNN classifier: Conv+bias -> Relu -> Conv -> GlobalAveragePool -> Flatten -> Gemm(transB) -> Softmax."""
-    rng = np.random.default_rng(seed)
-    nodes = [
-        helper.make_node("Conv", ["x", "c1", "c1b"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["a"], ["b"], name="relu"),
-        helper.make_node("Conv", ["b", "c2"], ["c"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
-        helper.make_node("GlobalAveragePool", ["c"], ["d"], name="pool"),
-        helper.make_node("Flatten", ["d"], ["e"], name="flatten"),
-        helper.make_node("Gemm", ["e", "fc", "fcb"], ["logits"], name="fc", transB=1),
-        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax"),
-    ]
-    inits = [_init("c1", rng.standard_normal((16, 3, 3, 3)) * 0.3), _init("c1b", rng.standard_normal(16) * 0.1),
-             _init("c2", rng.standard_normal((32, 16, 3, 3)) * 0.1), _init("fc", rng.standard_normal((10, 32))),
-             _init("fcb", rng.standard_normal(10) * 0.1)]
-    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    onnx.save(model, path)
-    return path
 
 
 def cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:
