@@ -42,6 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pyqshare._atomic import atomic_write_text
 from pyqshare.errors import InputError
+from pyqshare.model.graph import iter_graphs
 
 __all__ = [
     "EncodingKind",
@@ -1048,7 +1049,7 @@ class _ModelIndex:
         self.scales: set[str] = set()  # scale inputs of QuantizeLinear/DequantizeLinear nodes
         self.dequantized: dict[str, list[str]] = {}  # QuantizeLinear output -> outputs of DequantizeLinear on it
         self.graph_outputs = {info.name for info in model.graph.output}
-        for graph in _graphs(model.graph):
+        for _, graph in iter_graphs(model):
             for tensor in graph.initializer:
                 self.constants[tensor.name] = tensor
             for info in [*graph.input, *graph.output, *graph.value_info]:
@@ -1083,17 +1084,6 @@ class _ModelIndex:
     def produced_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
         node = self.producers.get(name)
         return node if node is not None and node.op_type == op_type and node.domain in _QDQ_DOMAINS else None
-
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attribute.g)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for subgraph in attribute.graphs:
-                    yield from _graphs(subgraph)
 
 
 def _constant_value(node: onnx.NodeProto) -> TensorProto:

@@ -22,11 +22,14 @@ import onnx
 from onnx import TensorProto, helper
 
 from pyqshare.errors import InputError
+from pyqshare.model.graph import iter_tensors
 
 __all__ = [
     "ExternalData",
     "copy_external",
     "external_array",
+    "external_tensors",
+    "inline_external",
     "is_external",
     "map_external",
     "resolve_external",
@@ -49,6 +52,11 @@ class ExternalData:
 
 def is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == TensorProto.EXTERNAL
+
+
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every tensor of ``model`` (any graph, initializers and node attributes) whose data is external."""
+    return [tensor for _, tensor in iter_tensors(model) if is_external(tensor)]
 
 
 def tensor_data_nbytes(tensor: onnx.TensorProto) -> int:
@@ -175,6 +183,11 @@ def set_raw(tensor: onnx.TensorProto, raw: bytes) -> None:
     _clear_data(tensor)
     tensor.ClearField("data_location")  # DEFAULT, and unset as in tensors that never were external
     tensor.raw_data = raw
+
+
+def inline_external(tensor: onnx.TensorProto, model_dir: str | os.PathLike[str]) -> None:
+    """Read ``tensor``'s external data (validated against ``model_dir``, the model's folder) into the tensor."""
+    set_raw(tensor, bytes(map_external(resolve_external(tensor, model_dir))))
 
 
 def set_external(tensor: onnx.TensorProto, entries: list[tuple[str, str]]) -> None:

@@ -23,7 +23,9 @@ __all__ = [
     "defined_names",
     "find_graph",
     "iter_graphs",
+    "iter_nodes",
     "iter_tensors",
+    "name_nodes_uniquely",
     "node_label",
     "NameFactory",
     "producer_index",
@@ -60,6 +62,38 @@ def iter_graphs(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.GraphProto]]
         yield path, graph
         children = [(_join(path, node, label), sub) for node in graph.node for label, sub in subgraphs(node)]
         stack.extend(reversed(children))
+
+
+def iter_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``model``'s main graph, then of each subgraph in :func:`iter_graphs` order."""
+    for _, graph in iter_graphs(model):
+        yield from graph.node
+
+
+def name_nodes_uniquely(model: onnx.ModelProto) -> int:
+    """Name every unnamed or repeatedly named node of ``model`` ``<op_type>_<position>``; returns how many changed.
+
+    Logs and reports identify nodes by name (onnxruntime's placement log, for one), so names must be unique
+    across the main graph and subgraphs. The first node holding a name keeps it; positions count nodes in
+    :func:`iter_nodes` order; a taken name gets ``_1``, ``_2``, ... appended.
+    """
+    nodes = list(iter_nodes(model))
+    taken = {node.name for node in nodes if node.name}
+    seen: set[str] = set()
+    renamed = 0
+    for position, node in enumerate(nodes):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        name, suffix = f"{node.op_type}_{position}", 0
+        while name in taken:
+            suffix += 1
+            name = f"{node.op_type}_{position}_{suffix}"
+        node.name = name
+        taken.add(name)
+        seen.add(name)
+        renamed += 1
+    return renamed
 
 
 def find_graph(model: onnx.ModelProto, path: str) -> onnx.GraphProto:

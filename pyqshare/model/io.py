@@ -21,6 +21,8 @@ from pyqshare._atomic import atomic_output, atomic_write_bytes
 from pyqshare.errors import InputError
 from pyqshare.model.external import (
     copy_external,
+    external_tensors,
+    inline_external,
     is_external,
     map_external,
     resolve_external,
@@ -30,7 +32,7 @@ from pyqshare.model.external import (
 )
 from pyqshare.model.graph import iter_tensors
 
-__all__ = ["PROTOBUF_LIMIT", "load_model", "save_model", "supported_ir_version"]
+__all__ = ["PROTOBUF_LIMIT", "external_data_path", "load_model", "save_model", "supported_ir_version"]
 
 PROTOBUF_LIMIT = 2**31 - 1
 """The largest serialized model protobuf can write (bytes): anything bigger needs external data."""
@@ -60,10 +62,10 @@ def load_model(path: str | os.PathLike[str], *, load_weights: bool = False) -> o
     Raises
     ------
     InputError
-        If the file is missing or not an ONNX model, or if any tensor's external data is absolute, contains
-        ``..``, resolves outside the model's folder through a symbolic link, is not a regular file, or has an
-        offset or length outside the file (the message names the tensor and the location). Refused
-        locations are never opened.
+        If the file is missing, unreadable or not an ONNX model (no graph), or if any tensor's external data
+        is absolute, contains ``..``, resolves outside the model's folder through a symbolic link, is not a
+        regular file, or has an offset or length outside the file (the message names the tensor and the
+        location). Refused locations are never opened.
     """
     path = Path(path)
     if not path.is_file():
@@ -72,11 +74,16 @@ def load_model(path: str | os.PathLike[str], *, load_weights: bool = False) -> o
         model = onnx.load(path, load_external_data=False)
     except DecodeError as error:
         raise InputError(f"{path}: not an ONNX model ({error})") from None
-    external = [tensor for _, tensor in iter_tensors(model) if is_external(tensor)]
-    locations = [resolve_external(tensor, path.parent) for tensor in external]
+    except OSError as error:
+        raise InputError(f"{path}: cannot read it ({error.strerror})") from None
+    if not model.HasField("graph"):  # protobuf parses some non-models (an empty file) as an empty message
+        raise InputError(f"{path}: not an ONNX model (no graph)")
+    external = external_tensors(model)
+    for tensor in external:  # every location is checked before any is read
+        resolve_external(tensor, path.parent)
     if load_weights:
-        for tensor, data in zip(external, locations):
-            set_raw(tensor, bytes(map_external(data)))
+        for tensor in external:
+            inline_external(tensor, path.parent)
     return model
 
 
@@ -154,7 +161,7 @@ def _save_inline(model: onnx.ModelProto, path: Path, external: list[onnx.TensorP
     originals = [_copy(tensor) for tensor in external]
     try:
         for tensor in external:
-            set_raw(tensor, bytes(map_external(resolve_external(tensor, model_dir))))
+            inline_external(tensor, model_dir)
         atomic_write_bytes(path, model.SerializeToString())
     finally:
         for tensor, original in zip(external, originals):
@@ -162,7 +169,7 @@ def _save_inline(model: onnx.ModelProto, path: Path, external: list[onnx.TensorP
 
 
 def _save_external(model: onnx.ModelProto, path: Path, tensors: list[onnx.TensorProto], model_dir) -> list[Path]:
-    data_path = path.with_name(f"{path.name}.data")
+    data_path = external_data_path(path)
     keep_written = model_dir is not None and os.path.realpath(model_dir) == os.path.realpath(path.parent)
     originals: list[tuple[onnx.TensorProto, onnx.TensorProto]] = []  # (tensor, its state before the write)
     written = False
@@ -196,6 +203,12 @@ def _save_external(model: onnx.ModelProto, path: Path, tensors: list[onnx.Tensor
             if not (written and keep_written and is_external(original)):
                 tensor.CopyFrom(original)
     return [path, data_path]
+
+
+def external_data_path(path: str | os.PathLike[str]) -> Path:
+    """The external data file :func:`save_model` writes beside the model ``path``: ``<name>.data``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.data")
 
 
 def _align(data_file: BinaryIO, length: int) -> int:

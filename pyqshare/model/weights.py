@@ -58,7 +58,10 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from pyqshare.model.external import external_array, is_external, resolve_external, set_raw, tensor_data_nbytes
 from pyqshare.model.graph import find_graph, iter_graphs, node_label, producer_index, readers
 
-__all__ = ["ROLES", "Weight", "find_weights", "replace_weight"]
+__all__ = ["ROLES", "WEIGHT_MIN_ELEMENTS", "Weight", "find_weights", "replace_weight", "weight_sizes"]
+
+WEIGHT_MIN_ELEMENTS = 64
+"""The smallest tensor that counts as a weight (../shared/CLI.md), unless ``--min-elements`` says otherwise."""
 
 ROLES = ("matmul", "conv", "rnn_w", "rnn_r", "matmul_lhs", "embedding", "bias", "rnn_b", "norm", "other")
 """Every role, strongest first."""
@@ -199,7 +202,7 @@ def _candidates(graph: onnx.GraphProto):
 
 
 def find_weights(
-    model: onnx.ModelProto, model_dir: str | os.PathLike[str] | None, *, min_elements: int = 64
+    model: onnx.ModelProto, model_dir: str | os.PathLike[str] | None, *, min_elements: int = WEIGHT_MIN_ELEMENTS
 ) -> list[Weight]:
     """Every float weight of ``model``, in graph order (main graph first, then subgraphs depth first).
 
@@ -247,7 +250,6 @@ def _weight(name, location, path, source, data_type, shape, readers, roles, mode
             raise ValueError(f"weight {name!r} lives in external data: pass model_dir (the model's folder)")
         resolve_external(source, model_dir)
     dtype = helper.tensor_dtype_to_np_dtype(data_type)
-    nbytes = tensor_data_nbytes(source) if isinstance(source, TensorProto) else math.prod(shape) * dtype.itemsize
     strongest = min(roles or [("other", None, None, None)], key=lambda found: ROLES.index(found[0]))
     role, channel_axis, reduction_axis, bias_of = strongest
     return Weight(
@@ -260,11 +262,42 @@ def _weight(name, location, path, source, data_type, shape, readers, roles, mode
         role=role,
         channel_axis=channel_axis,
         reduction_axis=reduction_axis,
-        nbytes=nbytes,
+        nbytes=_stored_nbytes(source, shape),
         bias_of=bias_of,
         _source=source,
         _model_dir=Path(model_dir) if model_dir is not None else None,
     )
+
+
+def _stored_nbytes(source: TensorProto | AttributeProto, shape: tuple[int, ...]) -> int:
+    """Bytes of a stored tensor's values, from its shape and type (external data is not read)."""
+    if isinstance(source, AttributeProto):  # a Constant's value_float(s): float32
+        return math.prod(shape) * 4
+    if source.data_type == TensorProto.STRING:
+        return sum(len(value) for value in source.string_data)
+    return tensor_data_nbytes(source)
+
+
+def weight_sizes(model: onnx.ModelProto, *, min_elements: int = WEIGHT_MIN_ELEMENTS) -> dict[str, int]:
+    """Bytes of every weight by name, as ../shared/CLI.md counts weights in byte totals.
+
+    Unlike :func:`find_weights` (the float weights to quantize), this counts every tensor of at least
+    ``min_elements`` elements that the model stores, of any element type and whoever reads it:
+    initializers (external data included, never read) and ``Constant`` values, in every graph.
+
+    Parameters
+    ----------
+    model
+        The model; external data may stay on disk.
+    min_elements
+        Smallest tensor counted.
+    """
+    sizes = {}
+    for _, graph in iter_graphs(model):
+        for name, _, source, _, shape in _candidates(graph):
+            if math.prod(shape) >= min_elements:
+                sizes[name] = _stored_nbytes(source, shape)
+    return sizes
 
 
 def locate(model: onnx.ModelProto, weight: Weight) -> tuple[onnx.GraphProto, int | None, int | None]:
