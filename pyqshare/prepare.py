@@ -17,8 +17,8 @@ without the offline fold (../shared/QNN_NOTES.md measured a setup where it was n
    are never touched, nor are ``Q``/``DQ`` nodes, random ops, control flow and nodes inside subgraphs;
    a folded tensor larger than :data:`MAX_FOLDED_BYTES` stays computed at run time;
 3. names unnamed nodes (logs and placement reports identify nodes by name), infers every shape, checks the
-   result with ``onnx.checker`` and writes it atomically, with external data when the input had it or the
-   model would pass the 2 GiB protobuf limit;
+   result with ``onnx.checker`` and writes it atomically (:func:`pyqshare.model.save_model`), with external
+   data when the input had it or the model would pass the 2 GiB protobuf limit;
 4. reports the QNN HTP placement (:func:`pyqshare.qnn.placement.placement_report`) of the prepared model and
    of the original, so the report shows what preparing bought.
 
@@ -40,22 +40,19 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from pyqshare._atomic import atomic_output, atomic_write_bytes
-from pyqshare._onnx_graph import (
+from pyqshare.errors import InputError
+from pyqshare.model import (
     WEIGHT_MIN_ELEMENTS,
-    count_nodes,
-    external_info,
+    external_data_path,
     external_tensors,
     iter_graphs,
     iter_nodes,
     load_model,
     name_nodes_uniquely,
-    resolve_external_file,
-    tensor_elements,
-    weight_bytes,
-    weight_tensors,
+    save_model,
+    weight_sizes,
 )
-from pyqshare.errors import InputError
+from pyqshare.model.external import inline_external, resolve_external
 from pyqshare.qnn.placement import placement_report
 from pyqshare.qnn.rewrites import fuse_gelu
 
@@ -67,10 +64,6 @@ DEFAULT_DIMS: dict[str, int] = {
 MAX_FOLDED_BYTES = 1 << 20
 PLACEMENT_CHOICES = ("both", "prepared", "none")
 
-_PROTOBUF_LIMIT = (1 << 31) - (64 << 20)  # 2 GiB with room for the graph itself
-_EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the .onnx file
-_ALIGNMENT = 4096  # page-aligned offsets let onnxruntime memory-map the external data
-_COPY_CHUNK = 16 << 20
 _NEVER_FOLD = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",  # QDQ structure is what QNN reads
     "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
@@ -170,7 +163,7 @@ def _resolve_input_shapes(
 
 def _fix_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], dims: Mapping[str, int]) -> None:
     """Write the static input shapes and replace bound dim names everywhere; drop stale main-graph value_info."""
-    for graph in iter_graphs(model.graph):
+    for _, graph in iter_graphs(model):
         for value in [*graph.input, *graph.output, *graph.value_info]:
             for dim in value.type.tensor_type.shape.dim:
                 if dim.dim_param in dims:
@@ -255,7 +248,7 @@ def _folded_value(
 
 def _used_names(model: onnx.ModelProto) -> set[str]:
     """Every value a node reads (subgraphs included: they may read outer values) plus the graph outputs."""
-    used = {name for node in iter_nodes(model.graph) for name in node.input if name}
+    used = {name for node in iter_nodes(model) for name in node.input if name}
     return used | {value.name for value in model.graph.output}
 
 
@@ -303,12 +296,11 @@ def _fold_once(model: onnx.ModelProto, weights: set[str]) -> int:
     return len(folded)
 
 
-def _inline_small_external(model: onnx.ModelProto, model_path: Path) -> None:
+def _inline_small_external(model: onnx.ModelProto, model_dir: Path) -> None:
     """Read external tensors that are not weights into the graph: folding and shape inference need their values."""
-    for tensor in list(external_tensors(model)):
-        if tensor_elements(tensor) < WEIGHT_MIN_ELEMENTS:
-            values = numpy_helper.to_array(tensor, base_dir=str(model_path.resolve().parent))
-            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    for tensor in external_tensors(model):
+        if math.prod(tensor.dims) < WEIGHT_MIN_ELEMENTS:
+            inline_external(tensor, model_dir)
 
 
 def _dynamic_tensors(graph: onnx.GraphProto) -> list[str]:
@@ -321,7 +313,7 @@ def _dynamic_tensors(graph: onnx.GraphProto) -> list[str]:
 def _check_structure(model: onnx.ModelProto) -> None:
     """``onnx.checker`` on the model; external tensors are checked as empty stand-ins (their bytes are
     copied verbatim, and the checker would otherwise look for the files relative to the working folder)."""
-    if not any(external_tensors(model)):
+    if not external_tensors(model):
         onnx.checker.check_model(model)
         return
     skeleton = onnx.ModelProto()
@@ -334,58 +326,13 @@ def _check_structure(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(skeleton)
 
 
-def _copy_range(source: Path, offset: int, length: int | None, sink) -> int:
-    with open(source, "rb") as handle:
-        handle.seek(offset)
-        remaining = length if length is not None else os.fstat(handle.fileno()).st_size - offset
-        copied = 0
-        while remaining > 0:
-            chunk = handle.read(min(_COPY_CHUNK, remaining))
-            if not chunk:
-                raise InputError(f"{source}: external data ends before the {length} bytes a tensor declares")
-            sink.write(chunk)
-            remaining -= len(chunk)
-            copied += len(chunk)
-    return copied
-
-
-def _write_external_data(model: onnx.ModelProto, model_path: Path, data_path: Path) -> None:
-    """Move every external tensor (copied from the source files) and every initializer of at least
-    1 KiB into ``data_path``, page-aligned, and point the tensors at it; written atomically."""
-    sources = {resolve_external_file(model_path, external_info(t)["location"]) for t in external_tensors(model)}
-    if data_path.resolve() in sources:
-        raise InputError(f"--output-path: its external data file {data_path} is the input's own data file")
-    inline = [t for g in iter_graphs(model.graph) for t in g.initializer
-              if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= _EXTERNAL_MIN_BYTES]
-    with atomic_output(data_path, "wb") as sink:
-        offset = 0
-        for tensor in [*external_tensors(model), *inline]:
-            padding = -offset % _ALIGNMENT
-            sink.write(b"\0" * padding)
-            offset += padding
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                info = external_info(tensor)
-                source = resolve_external_file(model_path, info["location"])
-                declared = int(info["length"]) if "length" in info else None
-                length = _copy_range(source, int(info.get("offset", 0)), declared, sink)
-            else:
-                sink.write(tensor.raw_data)
-                length = len(tensor.raw_data)
-                tensor.ClearField("raw_data")
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
-                tensor.external_data.add(key=key, value=value)
-            offset += length
-
-
 def _make_static(model: onnx.ModelProto, source: Path, input_shapes: Mapping[str, Sequence[int]]) -> tuple[dict, int]:
     """Fix the input dims, fold until nothing changes and record every inferred shape in the model.
 
     Returns the value chosen per dim name and the number of folded nodes.
     """
-    weights = set(weight_tensors(model))
-    _inline_small_external(model, source)
+    weights = set(weight_sizes(model))
+    _inline_small_external(model, source.parent)
     shapes, dims = _resolve_input_shapes(model.graph, input_shapes)
     _fix_dims(model, shapes, dims)
     folded = 0
@@ -399,25 +346,21 @@ def _make_static(model: onnx.ModelProto, source: Path, input_shapes: Mapping[str
     return dims, folded
 
 
-def _write_prepared(model: onnx.ModelProto, source: Path, target: Path) -> Path | None:
-    """Check and write the model (atomically); returns its external data file, if it needs one."""
+def _write_prepared(model: onnx.ModelProto, source: Path, target: Path) -> list[Path]:
+    """Check the model and write it atomically, with external data beside it when the input had some (copied
+    in chunks, never loaded whole) or when it would pass protobuf's 2 GiB; returns the files written."""
     _check_structure(model)
-    data_path = None
-    if any(external_tensors(model)) or model.ByteSize() > _PROTOBUF_LIMIT:
-        data_path = target.with_name(target.name + ".data")
-        _write_external_data(model, source, data_path)
-    atomic_write_bytes(target, model.SerializeToString())
-    return data_path
-
-
-def _disk_bytes(*paths: Path | None) -> int:
-    return sum(path.stat().st_size for path in paths if path is not None)
+    external = external_tensors(model)
+    data_path = external_data_path(target)
+    if any(resolve_external(tensor, source.parent).path == data_path.resolve() for tensor in external):
+        raise InputError(f"--output-path: its external data file {data_path} is the input's own data file")
+    return save_model(model, target, external_data=True if external else "auto", model_dir=source.parent)
 
 
 def _model_summary(model: onnx.ModelProto) -> dict:
     return {
-        "nodes": count_nodes(model),
-        "weight_bytes": weight_bytes(model),
+        "nodes": sum(1 for _ in iter_nodes(model)),
+        "weight_bytes": sum(weight_sizes(model).values()),
         "input_shapes": {value.name: _shape_of(value) for value in _real_inputs(model.graph)},
     }
 
@@ -462,12 +405,16 @@ def prepare_model(
         ``dynamic_tensors``, and for ``original`` and ``prepared``: ``nodes``, ``weight_bytes``,
         ``input_shapes`` and ``placement`` (``htp_nodes, cpu_nodes, partitions, htp_weight_bytes,
         cpu_weight_bytes, cpu_ops, fallback_reasons``; None with a ``placement_note`` when QNN is missing
-        or no session could be created). The written model keeps the input's IR version and opsets.
+        or no session could be created). The written model keeps the input's opsets, and its IR version
+        unless onnxruntime cannot read that one (:func:`pyqshare.model.supported_ir_version`).
     """
     if placement not in PLACEMENT_CHOICES:
         raise InputError(f"--placement {placement!r}: choose one of {', '.join(PLACEMENT_CHOICES)}")
     source, target = Path(model_path), Path(output_path)
-    model = load_model(source)
+    try:
+        model = load_model(source)
+    except InputError as error:
+        raise InputError(f"--model-path: {error}") from None
     if target.resolve() == source.resolve():
         raise InputError("--output-path: must differ from --model-path (the input is never overwritten)")
     try:
@@ -478,13 +425,13 @@ def prepare_model(
     dims, folded = _make_static(model, source, input_shapes or {})
     renamed = name_nodes_uniquely(model)
     dynamic = _dynamic_tensors(model.graph)
-    data_path = _write_prepared(model, source, target)
+    written = _write_prepared(model, source, target)
 
     report = {
         "model": str(source),
         "output": str(target),
-        "size_bytes": _disk_bytes(target, data_path),
-        "external_data": data_path.name if data_path else None,
+        "size_bytes": sum(path.stat().st_size for path in written),
+        "external_data": written[1].name if len(written) > 1 else None,
         "dims": dims,
         "folded_nodes": folded,
         "renamed_nodes": renamed,

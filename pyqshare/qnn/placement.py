@@ -42,14 +42,7 @@ from pathlib import Path
 import onnx
 
 import pyqshare
-from pyqshare._onnx_graph import (
-    iter_nodes,
-    load_model,
-    name_nodes_uniquely,
-    node_names_are_unique,
-    tensor_nbytes,
-    weight_tensors,
-)
+from pyqshare.model import iter_nodes, load_model, name_nodes_uniquely, weight_sizes
 from pyqshare.qnn._probe import PROVIDERS_MARKER
 from pyqshare.qnn.ep import EP_NAME, QnnUnavailableError, htp_provider_options
 
@@ -204,8 +197,8 @@ def _weight_bytes_by_side(model: onnx.ModelProto, htp: set[str], cpu: set[str]) 
     Nodes that onnxruntime folded or fused away at load time pass the weights they consumed on to the
     consumers of their outputs, so a weight reaches the side of the first node that actually runs it.
     """
-    weights = weight_tensors(model)
-    names = {node.name for node in iter_nodes(model.graph)}
+    weights = weight_sizes(model)
+    names = {node.name for node in iter_nodes(model)}
     side: dict[str, str] = {}
     for where, placed in (("htp", htp), ("cpu", cpu)):
         for name in placed:
@@ -217,7 +210,7 @@ def _weight_bytes_by_side(model: onnx.ModelProto, htp: set[str], cpu: set[str]) 
                 side.setdefault(owner, where)
     carried: dict[str, set[str]] = {name: {name} for name in weights}
     consumed: dict[str, set[str]] = {"htp": set(), "cpu": set()}
-    for node in iter_nodes(model.graph):
+    for node in iter_nodes(model):
         if node.op_type == "Constant" and not node.domain:
             continue
         reaching = set().union(*(carried.get(name, ()) for name in node.input))
@@ -226,7 +219,7 @@ def _weight_bytes_by_side(model: onnx.ModelProto, htp: set[str], cpu: set[str]) 
         else:
             for output in node.output:
                 carried.setdefault(output, set()).update(reaching)
-    return tuple(sum(tensor_nbytes(weights[name]) for name in consumed[where]) for where in ("htp", "cpu"))
+    return tuple(sum(weights[name] for name in consumed[where]) for where in ("htp", "cpu"))
 
 
 def _placement(log: _SessionLog, model: onnx.ModelProto, source: Path) -> Placement:
@@ -297,8 +290,7 @@ def placement_report(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="pyqshare-placement-") as tmp:
         args = [str(path), json.dumps(options)]
-        if not node_names_are_unique(model):
-            name_nodes_uniquely(model)
+        if name_nodes_uniquely(model):
             renamed = Path(tmp) / "named.onnx"
             renamed.write_bytes(model.SerializeToString())
             args = [str(renamed), json.dumps(options), str(path.resolve().parent)]
