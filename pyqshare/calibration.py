@@ -54,11 +54,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from pyqshare._atomic import atomic_write_bytes, atomic_write_text
 from pyqshare.errors import InputError
+from pyqshare.model import PROTOBUF_LIMIT, load_model, save_model
 
 Sample = dict[str, np.ndarray]
 ModelSource = onnx.ModelProto | str | os.PathLike[str]
@@ -82,8 +82,6 @@ _TOKEN_TYPE = re.compile(r"token_?type|segment", re.IGNORECASE)
 _POSITION = re.compile(r"position|pos_?ids", re.IGNORECASE)
 _TOKEN_IDS = re.compile(r"ids|token|input", re.IGNORECASE)
 
-# protobuf cannot serialize a message of 2 GiB or more; bigger models go to onnxruntime as a file.
-_PROTOBUF_LIMIT = 2**31 - 1
 # Lets onnxruntime find external data files for a model handed over as bytes.
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
@@ -101,22 +99,6 @@ class InputSpec:
     name: str
     dtype: np.dtype
     dims: tuple[int | str | None, ...] | None
-
-
-def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Parse an ONNX file without reading its external data (weights stay on disk).
-
-    Parameters
-    ----------
-    path
-        The ``.onnx`` file. A missing or unparsable file is an InputError.
-    """
-    try:
-        return onnx.load(os.fspath(path), load_external_data=False)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such model file") from None
-    except (OSError, DecodeError, RuntimeError) as error:
-        raise InputError(f"{path}: not a readable ONNX model ({type(error).__name__}: {error})") from None
 
 
 def _as_model(model: ModelSource) -> onnx.ModelProto:
@@ -523,7 +505,7 @@ def cpu_session(
             return
         model, model_dir = load_model(model), Path(model).parent
     with contextlib.ExitStack() as stack:
-        source: bytes | str = model if isinstance(model, bytes) else _serialized(model, extra_outputs, stack)
+        source = model if isinstance(model, bytes) else _serialized(model, extra_outputs, model_dir, stack)
         options = exact_cpu_options()
         if model_dir is not None and isinstance(source, bytes):
             options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, os.fspath(Path(model_dir).resolve()))
@@ -545,20 +527,21 @@ def exact_cpu_options() -> ort.SessionOptions:
     return options
 
 
-def _serialized(model: onnx.ModelProto, extra_outputs: Sequence[str], stack: contextlib.ExitStack) -> bytes | str:
-    """``model`` plus the extra outputs as bytes, or as a temporary file when protobuf cannot hold it."""
+def _serialized(
+    model: onnx.ModelProto, extra_outputs: Sequence[str], model_dir: str | os.PathLike[str] | None,
+    stack: contextlib.ExitStack,
+) -> bytes | str:
+    """``model`` plus the extra outputs as bytes, or as a temporary file when protobuf cannot hold it (the
+    model's tensors stay as they were: save_model puts back what it moves into the data file)."""
     outputs = model.graph.output
     kept = len(outputs)
     present = {value.name for value in outputs}
     outputs.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(extra_outputs) if name not in present)
     try:
-        if model.ByteSize() <= _PROTOBUF_LIMIT:
+        if model.ByteSize() <= PROTOBUF_LIMIT:
             return model.SerializeToString()
         target = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "model.onnx"
-        # save_model moves inline weights into the data file and clears them from the proto; reading them back
-        # leaves the caller's ModelProto as it began.
-        onnx.save_model(model, target, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
-        onnx.load_external_data_for_model(model, os.fspath(target.parent))
+        save_model(model, target, external_data=True, model_dir=model_dir)
         return os.fspath(target)
     finally:
         del outputs[kept:]

@@ -41,13 +41,13 @@ from pyqshare.calibration import (
     default_inputs,
     input_signature,
     load_calibration_data,
-    load_model,
     parse_input_shapes,
     resolve_input_shapes,
     run_model,
     run_session,
 )
 from pyqshare.errors import InputError
+from pyqshare.model import load_model
 from pyqshare.qnn import create_htp_session, native_stdout_to_stderr
 
 _NOT_CLASS_SCORES = re.compile(r"embed|hidden|pool|feature|state", re.IGNORECASE)

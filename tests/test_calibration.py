@@ -515,7 +515,7 @@ def test_models_too_big_for_protobuf_go_through_a_temporary_file(monkeypatch):
     samples = float_samples(2)
     expected = collect_activation_ranges(model, samples)
     before = model.SerializeToString()
-    monkeypatch.setattr(calibration, "_PROTOBUF_LIMIT", 0)  # take the >2 GiB route with a small real model
+    monkeypatch.setattr(calibration, "PROTOBUF_LIMIT", 0)  # take the >2 GiB route with a small real model
     assert collect_activation_ranges(model, samples) == expected
     # Weights are back inline and the extra outputs gone; reloading sets data_location=DEFAULT explicitly.
     for tensor in model.graph.initializer:
