@@ -15,10 +15,8 @@ Any other input (an integer input with an unrecognised name, strings, ...) is re
 :class:`~pyqshare.errors.InputError` that asks for ``--calibration-data``. Calibration and evaluation samples come
 from different fixed seeds, so a model is never evaluated on the data it was calibrated on.
 
-Dynamic dimensions: ``--input-shape name=1,128`` (``input_shapes``) fixes an input's full shape and binds its
-symbolic dims for the other inputs that share them; then dims named like a batch (``batch``, ``N``, ...) get 1,
-dims named like a sequence (``sequence``, ``seq_len``, ``length``, ``tokens``, ...) get 128, and an unnamed
-dim on axis 0 is taken as the batch. Any other symbolic dim is an InputError that names it.
+Dynamic dimensions are resolved by :func:`pyqshare.shapes.resolve_input_shapes` (``--input-shape``, then batch 1
+and sequence 128 by dim name, as its table says).
 
 Data files (:func:`load_calibration_data`)
 ------------------------------------------
@@ -43,7 +41,6 @@ as QNN requires for activations.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import tempfile
@@ -59,13 +56,12 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from pyqshare._atomic import atomic_write_bytes, atomic_write_text
 from pyqshare.errors import InputError
 from pyqshare.model import PROTOBUF_LIMIT, load_model, save_model
+from pyqshare.shapes import InputSpec, ModelSource, input_signature, resolve_input_shapes
+from pyqshare.shapes import parse_input_shapes  # noqa: F401  (re-exported: commands parse --input-shape from here)
 
 Sample = dict[str, np.ndarray]
-ModelSource = onnx.ModelProto | str | os.PathLike[str]
 
 DEFAULT_COUNT = 8
-DEFAULT_BATCH = 1
-DEFAULT_SEQUENCE = 128
 TOKEN_ID_RANGE = (1000, 2000)
 # Fixed, distinct seeds: evaluation never reuses calibration samples.
 SEEDS = {"calibration": 20240601, "evaluation": 20240602}
@@ -75,8 +71,6 @@ ACTIVATION_BITS = (8, 16)
 HISTOGRAM_BINS = 4096
 FLOAT_TENSOR_TYPES = frozenset({"tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"})
 
-_BATCH_DIM = re.compile(r"batch|^(n|b|bs)$", re.IGNORECASE)
-_SEQUENCE_DIM = re.compile(r"seq|length|len$|tokens?$", re.IGNORECASE)
 _MASK = re.compile(r"mask", re.IGNORECASE)
 _TOKEN_TYPE = re.compile(r"token_?type|segment", re.IGNORECASE)
 _POSITION = re.compile(r"position|pos_?ids", re.IGNORECASE)
@@ -84,134 +78,6 @@ _TOKEN_IDS = re.compile(r"ids|token|input", re.IGNORECASE)
 
 # Lets onnxruntime find external data files for a model handed over as bytes.
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-
-
-# --------------------------------------------------------------------------------------------------- signature
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """One graph input: name, numpy dtype, and dims (int, symbolic name, or None when anonymous).
-
-    ``dims`` is None when the model declares no shape at all.
-    """
-
-    name: str
-    dtype: np.dtype
-    dims: tuple[int | str | None, ...] | None
-
-
-def _as_model(model: ModelSource) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else load_model(model)
-
-
-def input_signature(model: ModelSource) -> list[InputSpec]:
-    """The inputs a model must be fed (graph inputs that are not initializers), in graph order.
-
-    Parameters
-    ----------
-    model
-        A ModelProto or the path of an ONNX file.
-    """
-    graph = _as_model(model).graph
-    initializers = {tensor.name for tensor in graph.initializer}
-    specs = []
-    for value in graph.input:
-        if value.name in initializers:
-            continue
-        if not value.type.HasField("tensor_type") or not value.type.tensor_type.elem_type:
-            raise InputError(f"input {value.name!r} is not a tensor with a known element type")
-        tensor_type = value.type.tensor_type
-        dims = None
-        if tensor_type.HasField("shape"):
-            dims = tuple(
-                dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor_type.shape.dim
-            )
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        specs.append(InputSpec(value.name, dtype, dims))
-    return specs
-
-
-def parse_input_shapes(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Parse repeated ``--input-shape name=1,128`` flags into ``{name: (1, 128)}``.
-
-    Parameters
-    ----------
-    values
-        The flag values, each ``NAME=D1,D2,...`` with positive integer dims.
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-    for value in values:
-        name, sep, dims = value.rpartition("=")
-        try:
-            shape = tuple(int(dim) for dim in dims.split(","))
-        except ValueError:
-            shape = ()
-        if not sep or not name or not shape or min(shape) <= 0:
-            raise InputError(f"--input-shape {value!r}: expected NAME=D1,D2,... with positive integer dims")
-        if name in shapes:
-            raise InputError(f"--input-shape {name!r} is given twice")
-        shapes[name] = shape
-    return shapes
-
-
-def resolve_input_shapes(
-    model: ModelSource, input_shapes: Mapping[str, Sequence[int]] | None = None
-) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes for every input: ``input_shapes`` first, then the default dims of the module docstring.
-
-    Parameters
-    ----------
-    model
-        A ModelProto or the path of an ONNX file.
-    input_shapes
-        ``{input name: full shape}`` overrides; they must agree with the model's static dims, and they bind
-        the symbolic dims they cover for every other input that shares them.
-    """
-    specs = {spec.name: spec for spec in input_signature(model)}
-    overrides = {name: tuple(int(dim) for dim in shape) for name, shape in (input_shapes or {}).items()}
-    unknown = sorted(set(overrides) - set(specs))
-    if unknown:
-        raise InputError(f"--input-shape names {unknown} that the model does not take; its inputs: {sorted(specs)}")
-    bound: dict[str, int] = {}
-    for name, shape in overrides.items():
-        dims = specs[name].dims
-        if dims is None:
-            continue
-        if len(shape) != len(dims):
-            raise InputError(f"--input-shape {name}: rank {len(shape)} but the model declares {list(dims)}")
-        for declared, given in zip(dims, shape, strict=True):
-            if isinstance(declared, int) and declared != given:
-                raise InputError(f"--input-shape {name}={shape} contradicts the model's static shape {list(dims)}")
-            if isinstance(declared, str) and bound.setdefault(declared, given) != given:
-                raise InputError(f"--input-shape gives the dim {declared!r} two values: {bound[declared]} and {given}")
-    shapes = {}
-    for name, spec in specs.items():
-        if name in overrides:
-            shapes[name] = overrides[name]
-        elif spec.dims is None:
-            raise InputError(f"input {name!r} declares no shape: pass --input-shape {name}=D1,D2,...")
-        else:
-            shapes[name] = tuple(_default_dim(spec, axis, dim, bound) for axis, dim in enumerate(spec.dims))
-    return shapes
-
-
-def _default_dim(spec: InputSpec, axis: int, dim: int | str | None, bound: Mapping[str, int]) -> int:
-    if isinstance(dim, int):
-        return dim
-    if dim is None:
-        if axis == 0:
-            return DEFAULT_BATCH
-    elif dim in bound:
-        return bound[dim]
-    elif _BATCH_DIM.search(dim):
-        return DEFAULT_BATCH
-    elif _SEQUENCE_DIM.search(dim):
-        return DEFAULT_SEQUENCE
-    raise InputError(
-        f"input {spec.name!r} axis {axis} has the dynamic dim {dim!r} with no default "
-        f"(batch-like dims get {DEFAULT_BATCH}, sequence-like dims {DEFAULT_SEQUENCE}): pass --input-shape {spec.name}=..."
-    )
 
 
 # ------------------------------------------------------------------------------------------------ default data

@@ -35,19 +35,10 @@ import numpy as np
 import onnx
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from pyqshare.calibration import (
-    Sample,
-    describe_inputs,
-    default_inputs,
-    input_signature,
-    load_calibration_data,
-    parse_input_shapes,
-    resolve_input_shapes,
-    run_model,
-    run_session,
-)
+from pyqshare.calibration import Sample, default_inputs, describe_inputs, load_calibration_data, run_model, run_session
 from pyqshare.errors import InputError
 from pyqshare.model import load_model
+from pyqshare.shapes import input_signature, parse_input_shapes, resolve_input_shapes
 from pyqshare.qnn import create_htp_session, native_stdout_to_stderr
 
 _NOT_CLASS_SCORES = re.compile(r"embed|hidden|pool|feature|state", re.IGNORECASE)

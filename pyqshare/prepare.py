@@ -8,9 +8,9 @@ for the tools that read the file rather than a session (quantizers, QNN converte
 them too when it loads a fixed-shape model, so for the float MiniLM the placement is the same with or
 without the offline fold (../shared/QNN_NOTES.md measured a setup where it was not). :func:`prepare_model`
 
-1. fixes every dynamic input dim: ``input_shapes`` first, then the defaults :data:`DEFAULT_DIMS` by dim
-   name (batch 1, sequence 128); any other dynamic dim is an :class:`~pyqshare.errors.InputError` that
-   names it;
+1. fixes every dynamic input dim: ``input_shapes`` first, then the defaults by dim name (batch 1,
+   sequence 128: :func:`pyqshare.shapes.resolve_input_shapes`); any other dynamic dim is an
+   :class:`~pyqshare.errors.InputError` that names it;
 2. folds shape computations into constants: ``Shape``/``Size`` of a tensor whose shape is now static, and
    any node whose inputs are all constants that are not weights, repeated with ONNX shape inference until
    nothing changes. Weights (tensors of 64 or more elements in the input) and the nodes that consume them
@@ -54,13 +54,9 @@ from pyqshare.model import (
 )
 from pyqshare.model.external import inline_external, resolve_external
 from pyqshare.qnn.placement import placement_report
+from pyqshare.shapes import declared_dims, parse_input_shapes, resolve_input_shapes, runtime_inputs
 from pyqshare.qnn.rewrites import fuse_gelu
 
-# Values for dynamic dims by (case-insensitive) name when --input-shape does not give them.
-DEFAULT_DIMS: dict[str, int] = {
-    "batch": 1, "batch_size": 1, "n": 1,
-    "sequence": 128, "sequence_length": 128, "seq": 128, "seq_len": 128, "seq_length": 128,
-}
 MAX_FOLDED_BYTES = 1 << 20
 PLACEMENT_CHOICES = ("both", "prepared", "none")
 
@@ -71,107 +67,22 @@ _NEVER_FOLD = frozenset({
 })
 
 
-def parse_input_shapes(values: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Parse ``--input-shape`` values of the form ``name=1,128`` (one per input).
-
-    Parameters
-    ----------
-    values : Sequence[str]
-        The flag values; a name may appear once, dims are positive integers separated by commas.
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-    for value in values:
-        name, sep, dims = value.partition("=")
-        name = name.strip()
-        if not sep or not name or not dims.strip():
-            raise InputError(f"--input-shape {value!r}: expected NAME=D1,D2,... (e.g. input_ids=1,128)")
-        try:
-            shape = tuple(int(dim) for dim in dims.split(","))
-        except ValueError:
-            raise InputError(f"--input-shape {value!r}: dims must be integers separated by commas") from None
-        if any(dim <= 0 for dim in shape):
-            raise InputError(f"--input-shape {value!r}: dims must be positive")
-        if name in shapes:
-            raise InputError(f"--input-shape: input {name!r} given twice")
-        shapes[name] = shape
-    return shapes
-
-
-def _real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
-    """Graph inputs that are fed at run time (old IR versions also list initializers as inputs)."""
-    initializers = {tensor.name for tensor in graph.initializer}
-    return [value for value in graph.input if value.name not in initializers]
-
-
-def _shape_of(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
-    """Dims as ints, dim names, or None for an anonymous dynamic dim; None without a tensor shape."""
-    tensor_type = value.type.tensor_type
-    if not value.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
-        return None
-    return [dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor_type.shape.dim]
-
-
-def _resolve_input_shapes(
-    graph: onnx.GraphProto, requested: Mapping[str, Sequence[int]]
-) -> tuple[dict[str, list[int]], dict[str, int]]:
-    """Static shapes for every input and the value chosen for each named dim."""
-    inputs = {value.name: value for value in _real_inputs(graph)}
-    unknown = sorted(set(requested) - set(inputs))
-    if unknown:
-        raise InputError(f"--input-shape: the model has no input {unknown[0]!r}; inputs: {', '.join(inputs)}")
+def _fix_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Write the static input shapes, give the dim names they bind their value everywhere and drop stale
+    main-graph value_info; returns the value of each dim name."""
     dims: dict[str, int] = {}
-    shapes: dict[str, list[int]] = {}
-
-    def bind(param: str, value: int, where: str) -> None:
-        if dims.setdefault(param, value) != value:
-            raise InputError(f"--input-shape: dim {param!r} is {dims[param]} elsewhere but {value} for {where}")
-
-    for name, given in requested.items():  # explicit shapes first: they bind the dims they name
-        declared = _shape_of(inputs[name])
-        if declared is None:
-            raise InputError(f"--input-shape: input {name!r} is not a tensor with a shape")
-        if len(declared) != len(given):
-            raise InputError(f"--input-shape: input {name!r} has rank {len(declared)}, got {len(given)} dims")
-        for axis, (old, new) in enumerate(zip(declared, given)):
-            if isinstance(old, int) and old != new:
-                raise InputError(f"--input-shape: input {name!r} dim {axis} is fixed at {old}, got {new}")
-            if isinstance(old, str):
-                bind(old, new, f"input {name!r}")
-        shapes[name] = list(given)
-    for name, value in inputs.items():
-        if name in shapes:
-            continue
-        declared = _shape_of(value)
-        if declared is None:
-            raise InputError(f"input {name!r} is not a tensor with a shape: give --input-shape {name}=...")
-        shape = []
-        for axis, dim in enumerate(declared):
-            if isinstance(dim, str) and dim not in dims and dim.lower() in DEFAULT_DIMS:
-                bind(dim, DEFAULT_DIMS[dim.lower()], f"input {name!r}")
-            if isinstance(dim, int):
-                shape.append(dim)
-            elif dim in dims:
-                shape.append(dims[dim])
-            else:
-                label = f"dim {axis}" + (f" ({dim!r})" if dim else "")
-                raise InputError(
-                    f"input {name!r} {label} is dynamic and has no default: give --input-shape {name}=D1,D2,..."
-                )
-        shapes[name] = shape
-    return shapes, dims
-
-
-def _fix_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], dims: Mapping[str, int]) -> None:
-    """Write the static input shapes and replace bound dim names everywhere; drop stale main-graph value_info."""
+    for value in runtime_inputs(model.graph):
+        for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name], strict=True):
+            if dim.dim_param:
+                dims[dim.dim_param] = size
+            dim.dim_value = size
     for _, graph in iter_graphs(model):
         for value in [*graph.input, *graph.output, *graph.value_info]:
             for dim in value.type.tensor_type.shape.dim:
                 if dim.dim_param in dims:
                     dim.dim_value = dims[dim.dim_param]
-    for value in _real_inputs(model.graph):
-        for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
-            dim.dim_value = size
     del model.graph.value_info[:]
+    return dims
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -185,7 +96,7 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
 def _static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
     shapes = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
     for value in [*graph.input, *graph.output, *graph.value_info]:
-        shape = _shape_of(value)
+        shape = declared_dims(value)
         if shape is not None and all(isinstance(dim, int) for dim in shape):
             shapes[value.name] = tuple(shape)
     return shapes
@@ -307,7 +218,7 @@ def _dynamic_tensors(graph: onnx.GraphProto) -> list[str]:
     """Run-time inputs and node outputs of the main graph whose shape is not fully static."""
     static = _static_shapes(graph)
     produced = [name for node in graph.node for name in node.output if name]
-    return [name for name in [value.name for value in _real_inputs(graph)] + produced if name not in static]
+    return [name for name in [value.name for value in runtime_inputs(graph)] + produced if name not in static]
 
 
 def _check_structure(model: onnx.ModelProto) -> None:
@@ -333,8 +244,7 @@ def _make_static(model: onnx.ModelProto, source: Path, input_shapes: Mapping[str
     """
     weights = set(weight_sizes(model))
     _inline_small_external(model, source.parent)
-    shapes, dims = _resolve_input_shapes(model.graph, input_shapes)
-    _fix_dims(model, shapes, dims)
+    dims = _fix_dims(model, resolve_input_shapes(model, input_shapes))
     folded = 0
     while swept := _fold_once(model, weights):
         folded += swept
@@ -357,11 +267,15 @@ def _write_prepared(model: onnx.ModelProto, source: Path, target: Path) -> list[
     return save_model(model, target, external_data=True if external else "auto", model_dir=source.parent)
 
 
+def _as_list(dims: tuple | None) -> list | None:
+    return None if dims is None else list(dims)
+
+
 def _model_summary(model: onnx.ModelProto) -> dict:
     return {
         "nodes": sum(1 for _ in iter_nodes(model)),
         "weight_bytes": sum(weight_sizes(model).values()),
-        "input_shapes": {value.name: _shape_of(value) for value in _real_inputs(model.graph)},
+        "input_shapes": {value.name: _as_list(declared_dims(value)) for value in runtime_inputs(model.graph)},
     }
 
 
@@ -391,7 +305,7 @@ def prepare_model(
         Where the prepared model goes (written atomically; external data, if any, beside it as
         ``<name>.data``). Must differ from ``model_path``.
     input_shapes : Mapping[str, Sequence[int]], optional
-        Static shapes by input name; other inputs take :data:`DEFAULT_DIMS` by dim name.
+        Static shapes by input name; other inputs take the defaults of :data:`pyqshare.shapes.DEFAULT_DIMS`.
     placement : {"both", "prepared", "none"}
         Which models get a QNN HTP placement report (each opens a real HTP session).
     provider_options : Mapping[str, object], optional
