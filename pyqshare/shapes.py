@@ -82,7 +82,8 @@ def declared_dims(value: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | 
     tensor_type = value.type.tensor_type
     if not value.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
         return None
-    return tuple(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor_type.shape.dim)
+    dims = tensor_type.shape.dim
+    return tuple(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in dims)
 
 
 def input_signature(model: ModelSource) -> list[InputSpec]:
