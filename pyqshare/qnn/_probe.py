@@ -15,8 +15,8 @@ from pathlib import Path
 import onnxruntime as ort
 
 from pyqshare.qnn.ep import htp_session_options
+from pyqshare.qnn.placement import PROVIDERS_MARKER
 
-PROVIDERS_MARKER = "pyqshare-probe providers:"
 _VERBOSE = 0
 
 

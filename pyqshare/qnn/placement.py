@@ -43,10 +43,11 @@ import onnx
 
 import pyqshare
 from pyqshare.model import iter_nodes, load_model, name_nodes_uniquely, weight_sizes
-from pyqshare.qnn._probe import PROVIDERS_MARKER
 from pyqshare.qnn.ep import EP_NAME, QnnUnavailableError, htp_provider_options
 
 CPU_EP = "CPUExecutionProvider"
+PROVIDERS_MARKER = "pyqshare-probe providers:"
+"""Starts the line on which the child process (:mod:`pyqshare.qnn._probe`) reports the session's providers."""
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _HEADER = re.compile(r"^\S+ \S+ \[(?P<severity>[VIWEF]):onnxruntime:[^\]]*\] ?(?P<message>.*)$")
