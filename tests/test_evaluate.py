@@ -58,12 +58,17 @@ def test_identical_models_have_infinite_sqnr_in_json_safe_form(tmp_path):
     json.dumps(report, allow_nan=False)  # strict JSON: no Infinity or NaN anywhere
 
 
-def test_perturbed_model_metrics_equal_numpy(tmp_path):
+def evaluated_with_outputs(tmp_path: Path, noise: float) -> tuple[dict, list, list]:
+    """evaluate() of a classifier against a copy with noisy weights, and both models' outputs on the
+    evaluation samples, run separately."""
     reference = classifier(tmp_path / "ref.onnx")
-    candidate = classifier(tmp_path / "cand.onnx", noise=0.05)
-    report = evaluate(reference, candidate)
+    candidate = classifier(tmp_path / "cand.onnx", noise=noise)
     samples = default_inputs(onnx.load(reference), purpose="evaluation")
-    ref_out, cand_out = run_model(reference, samples), run_model(candidate, samples)
+    return evaluate(reference, candidate), run_model(reference, samples), run_model(candidate, samples)
+
+
+def test_perturbed_model_metrics_equal_numpy(tmp_path):
+    report, ref_out, cand_out = evaluated_with_outputs(tmp_path, noise=0.05)
     for name in ("logits", "pooled_embedding"):
         ref = [out[name] for out in ref_out]
         cand = [out[name] for out in cand_out]
@@ -99,11 +104,7 @@ def test_top1_agreement_only_for_class_scores(tmp_path):
 
 
 def test_classifier_model_reports_top1(tmp_path):
-    reference = classifier(tmp_path / "ref.onnx")
-    candidate = classifier(tmp_path / "cand.onnx", noise=0.3)
-    report = evaluate(reference, candidate)
-    samples = default_inputs(onnx.load(reference), purpose="evaluation")
-    ref_out, cand_out = run_model(reference, samples), run_model(candidate, samples)
+    report, ref_out, cand_out = evaluated_with_outputs(tmp_path, noise=0.3)
     agree = np.mean([np.mean(r["logits"].argmax(-1) == c["logits"].argmax(-1))
                      for r, c in zip(ref_out, cand_out, strict=True)])
     assert report["outputs"]["logits"]["top1_agreement"] == pytest.approx(agree)

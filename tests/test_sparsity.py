@@ -95,7 +95,8 @@ def bits_of(a):
 
 
 @st.composite
-def nm_cases(draw):
+def nm_cases(draw, scores_dtype):
+    """``(m, n, axis, w, scores)``: tie-heavy weights of an awkward shape, and scores of ``scores_dtype`` or None."""
     m = draw(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 16, 17, 33]))
     n = draw(st.integers(0, m))
     ndim = draw(st.integers(1, 3))
@@ -105,16 +106,16 @@ def nm_cases(draw):
     dtype = draw(st.sampled_from(FLOATS))
     kind = draw(st.sampled_from(["ties", "normal", "extremes"]))
     with_scores = draw(st.booleans())
-    return m, n, tuple(shape), axis, dtype, kind, with_scores, draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    w = tie_heavy(rng, tuple(shape), dtype, kind)
+    scores = tie_heavy(rng, w.shape, scores_dtype, kind) if with_scores else None
+    return m, n, axis, w, scores
 
 
 @settings(max_examples=150, deadline=None)
-@given(nm_cases())
+@given(nm_cases(np.float32))
 def test_nm_mask_matches_numpy_reference(case):
-    m, n, shape, axis, dtype, kind, with_scores, seed = case
-    rng = np.random.default_rng(seed)
-    w = tie_heavy(rng, shape, dtype, kind)
-    scores = tie_heavy(rng, shape, np.float32, kind) if with_scores else None
+    m, n, axis, w, scores = case
     expected = ref_nm_mask(w, n, m, axis, scores)
     got = nm_mask(w, n, m, axis=axis, scores=scores)
     assert got.dtype == np.bool_ and got.shape == w.shape
@@ -122,8 +123,8 @@ def test_nm_mask_matches_numpy_reference(case):
     per_group = np.moveaxis(got, axis, -1).reshape(-1, m).sum(axis=1)
     assert (per_group == n).all()
     for isa in AVAILABLE_ISAS:
-        np.testing.assert_array_equal(_core.nm_mask(w, n, m, axis % len(shape), scores, 2, isa), expected)
-    np.testing.assert_array_equal(_core.nm_mask_reference(w, n, m, axis % len(shape), scores), expected)
+        np.testing.assert_array_equal(_core.nm_mask(w, n, m, axis % w.ndim, scores, 2, isa), expected)
+    np.testing.assert_array_equal(_core.nm_mask_reference(w, n, m, axis % w.ndim, scores), expected)
 
 
 @pytest.mark.parametrize("isa", AVAILABLE_ISAS)
@@ -404,12 +405,9 @@ def test_magnitude_mask_refusals():
 
 
 @settings(max_examples=120, deadline=None)
-@given(nm_cases())
+@given(nm_cases(np.float16))
 def test_compress_round_trip_and_layout(case):
-    m, n, shape, axis, dtype, kind, with_scores, seed = case
-    rng = np.random.default_rng(seed)
-    w = tie_heavy(rng, shape, dtype, kind)
-    scores = tie_heavy(rng, shape, np.float16, kind) if with_scores else None
+    m, n, axis, w, scores = case
     values, indices = nm_compress(w, n, m, axis, scores=scores)
     mask = ref_nm_mask(w, n, m, axis, scores)
     expected_values, expected_indices = ref_pack_indices(w, n, m, axis, mask)
@@ -418,12 +416,12 @@ def test_compress_round_trip_and_layout(case):
     assert bits_of(values).tobytes() == bits_of(expected_values).tobytes()
     assert indices.tobytes() == expected_indices.tobytes()
     for isa in AVAILABLE_ISAS:
-        v, i = _core.nm_compress(w, n, m, axis % len(shape), scores, 1, isa)
+        v, i = _core.nm_compress(w, n, m, axis % w.ndim, scores, 1, isa)
         assert bits_of(v).tobytes() == bits_of(values).tobytes() and i.tobytes() == indices.tobytes()
     dense = nm_decompress(values, indices, n, m, w.shape, axis)
     assert dense.dtype == w.dtype and dense.shape == w.shape
     # Bit-exact against np.where(mask, w, 0): kept -0.0 stays -0.0, dropped entries are +0.0.
-    assert bits_of(dense).tobytes() == bits_of(np.where(mask, w, dtype(0))).tobytes()
+    assert bits_of(dense).tobytes() == bits_of(np.where(mask, w, w.dtype.type(0))).tobytes()
     np.testing.assert_array_equal(dense, w * mask)
 
 

@@ -53,6 +53,17 @@ def _check_scores(scores, w: np.ndarray) -> np.ndarray | None:
     return scores
 
 
+def _check_nm_weights(w, n, m, axis, scores, what: str) -> tuple[np.ndarray, int, int, int, np.ndarray | None]:
+    """The validated arguments of an n:m selection over ``w`` (``what`` names the function in messages)."""
+    w = require_array(w, "w", _FLOATS)
+    n, m = _check_nm(n, m)
+    if w.ndim == 0:
+        raise ValueError(f"{what} needs an array with at least one dimension; pass w.reshape(1) or w.reshape(-1)")
+    axis = normalize_axis(axis, w.ndim)
+    _check_axis_length(w.shape, axis, m, what)
+    return w, n, m, axis, _check_scores(scores, w)
+
+
 def nm_mask(w, n, m, *, axis=-1, scores=None, num_threads=None) -> np.ndarray:
     """N:M structured-sparsity mask: keep the ``n`` largest of every ``m`` consecutive elements.
 
@@ -87,13 +98,7 @@ def nm_mask(w, n, m, *, axis=-1, scores=None, num_threads=None) -> np.ndarray:
         Non-contiguous arrays, NaN/Inf in ``w`` or ``scores``, ``n``/``m`` out of range, ``axis`` out of
         range, or an axis length not divisible by ``m``.
     """
-    w = require_array(w, "w", _FLOATS)
-    n, m = _check_nm(n, m)
-    if w.ndim == 0:
-        raise ValueError("nm_mask needs an array with at least one dimension; pass w.reshape(1) or w.reshape(-1)")
-    axis = normalize_axis(axis, w.ndim)
-    _check_axis_length(w.shape, axis, m, "nm_mask")
-    scores = _check_scores(scores, w)
+    w, n, m, axis, scores = _check_nm_weights(w, n, m, axis, scores, "nm_mask")
     return _core.nm_mask(w, n, m, axis, scores, resolve_num_threads(num_threads))
 
 
@@ -185,13 +190,7 @@ def nm_compress(w, n, m, axis=-1, *, scores=None, num_threads=None) -> tuple[np.
     TypeError, ValueError
         As for :func:`nm_mask`.
     """
-    w = require_array(w, "w", _FLOATS)
-    n, m = _check_nm(n, m)
-    if w.ndim == 0:
-        raise ValueError("nm_compress needs an array with at least one dimension; pass w.reshape(1)")
-    axis = normalize_axis(axis, w.ndim)
-    _check_axis_length(w.shape, axis, m, "nm_compress")
-    scores = _check_scores(scores, w)
+    w, n, m, axis, scores = _check_nm_weights(w, n, m, axis, scores, "nm_compress")
     return tuple(_core.nm_compress(w, n, m, axis, scores, resolve_num_threads(num_threads)))
 
 
