@@ -17,6 +17,7 @@ from pyqshare.errors import InputError
 from pyqshare.model import find_weights, load_model
 from pyqshare.prepare import prepare_model
 from pyqshare.qnn.placement import placement_report
+from pyqshare.qnn.rewrites import fuse_gelu
 
 OPSET = [helper.make_opsetid("", 17)]
 
@@ -218,6 +219,38 @@ def test_subgraphs_are_kept_and_unnamed_nodes_named(tmp_path):
     for sign in (1.0, -1.0):
         feed = {"x": np.full((1, 64), sign, np.float32)}
         np.testing.assert_array_equal(_run_cpu(tmp_path / "out.onnx", feed)[0], _run_cpu(source, feed)[0])
+
+
+def test_erf_gelu_becomes_gelu_and_constants_read_by_subgraphs_stay(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 64])
+
+    def branch(op):  # reads the GELU output and w, both from the outer graph only
+        return helper.make_graph([helper.make_node(op, ["g", "w"], ["r"])], op, [],
+                                 [helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 64])])
+
+    nodes = [
+        helper.make_node("Div", ["x", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"], name="erf"),
+        helper.make_node("Add", ["e", "one"], ["a"]),
+        helper.make_node("Mul", ["x", "a"], ["p"]),
+        helper.make_node("Mul", ["p", "half"], ["g"]),
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["z"], then_branch=branch("Mul"), else_branch=branch("Add")),
+    ]
+    scalars = {"sqrt2": np.sqrt(2.0), "one": 1.0, "half": 0.5, "zero": 0.0}
+    initializers = [_const(name, value, np.float32) for name, value in scalars.items()]
+    initializers.append(numpy_helper.from_array(np.linspace(-1, 1, 64, dtype=np.float32), "w"))
+    source = _save(tmp_path / "m.onnx", nodes, [x], [z], initializers)
+    model = onnx.load(source)
+    assert fuse_gelu(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Gelu", "ReduceSum", "Greater", "If"]
+    assert {t.name for t in model.graph.initializer} == {"zero", "w"}
+    onnx.save(model, tmp_path / "fused.onnx")
+    for sign in (1.0, -1.0):
+        feed = {"x": sign * np.linspace(-3, 3, 64, dtype=np.float32).reshape(1, 64)}
+        np.testing.assert_allclose(_run_cpu(tmp_path / "fused.onnx", feed)[0], _run_cpu(source, feed)[0], atol=1e-6)
 
 
 # --- files ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import math
 import onnx
 from onnx import helper, numpy_helper
 
+from pyqshare.model.graph import readers
 from pyqshare.model.opset import ensure_opset
 
 GELU_OPSET = 20
@@ -40,7 +41,7 @@ def _other(node: onnx.NodeProto, name: str) -> str:
     return node.input[1] if node.input[0] == name else node.input[0]
 
 
-def _gelu_at(graph: onnx.GraphProto, erf: onnx.NodeProto, producer: dict, readers: dict) -> tuple[str, list] | None:
+def _gelu_at(graph: onnx.GraphProto, erf: onnx.NodeProto, producer: dict, reads: dict) -> tuple[str, list] | None:
     """``(x, the pattern's nodes with the output node first)`` if ``erf`` sits in an erf-GELU whose inner values nobody else reads."""
     scaled = producer.get(erf.input[0])
     if scaled is None:
@@ -55,8 +56,8 @@ def _gelu_at(graph: onnx.GraphProto, erf: onnx.NodeProto, producer: dict, reader
         return None
 
     def only_reader(name: str, op_type: str) -> onnx.NodeProto | None:
-        nodes = readers.get(name, [])
-        return nodes[0] if len(nodes) == 1 and nodes[0].op_type == op_type else None
+        nodes = reads.get(name, [])
+        return nodes[0][0] if len(nodes) == 1 and nodes[0][0].op_type == op_type else None
 
     plus_one = only_reader(erf.output[0], "Add")
     if plus_one is None or not _is(graph, _other(plus_one, erf.output[0]), 1.0):
@@ -75,8 +76,8 @@ def _gelu_at(graph: onnx.GraphProto, erf: onnx.NodeProto, producer: dict, reader
         if half is None or half.op_type != "Mul" or x not in half.input or not _is(graph, _other(half, x), 0.5):
             return None
         nodes = [product, half, plus_one, erf, scaled]
-    if any(len(readers.get(node.output[0], [])) != 1 for node in nodes[1:]):
-        return None  # an inner value read elsewhere must stay
+    if any(len(reads.get(node.output[0], [])) != 1 for node in nodes[1:]):
+        return None  # an inner value read elsewhere (a subgraph included) must stay
     return x, nodes
 
 
@@ -89,11 +90,8 @@ def fuse_gelu(model: onnx.ModelProto) -> int:
     """
     graph = model.graph
     producer = {output: node for node in graph.node for output in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    matches = [m for m in (_gelu_at(graph, node, producer, readers) for node in graph.node if node.op_type == "Erf") if m]
+    reads = readers(graph)
+    matches = [m for m in (_gelu_at(graph, node, producer, reads) for node in graph.node if node.op_type == "Erf") if m]
     if not matches:
         return 0
     ensure_opset(model, GELU_OPSET)
@@ -110,8 +108,9 @@ def fuse_gelu(model: onnx.ModelProto) -> int:
 
 
 def _drop_unused_constants(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input}
-    used |= {value.name for value in graph.output} | {value.name for value in graph.input}
+    """Drop initializers and Constant nodes that no node (subgraphs included) reads and no graph input or
+    output names."""
+    used = set(readers(graph)) | {value.name for value in graph.output} | {value.name for value in graph.input}
     kept_nodes = [node for node in graph.node if node.op_type != "Constant" or node.output[0] in used]
     del graph.node[:]
     graph.node.extend(kept_nodes)
