@@ -1,4 +1,5 @@
-"""Calibration inputs, data files, onnxruntime runs and activation statistics, on real onnxruntime sessions."""
+"""Calibration inputs (with the shapes of pyqshare.shapes), data files, onnxruntime runs and activation
+statistics, on real onnxruntime sessions."""
 
 from __future__ import annotations
 
@@ -16,15 +17,13 @@ from pyqshare.calibration import (
     collect_activation_ranges,
     default_inputs,
     describe_inputs,
-    input_signature,
     load_calibration_data,
-    parse_input_shapes,
-    resolve_input_shapes,
     resolve_inputs,
     run_model,
     write_input_list,
 )
 from pyqshare.errors import InputError
+from pyqshare.shapes import input_signature, parse_input_shapes, resolve_input_shapes
 
 
 def make_model(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
