@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import pyqshare
 from pyqshare.qnn import qnn_available
 
 
@@ -42,3 +46,23 @@ def ppocr_cls_onnx(pytestconfig: pytest.Config):
     if not path.exists():
         fetch_ppocr("cls", path)
     return path
+
+
+@pytest.fixture(scope="session")
+def package_env() -> dict[str, str]:
+    """The environment for a child Python that must import the pyqshare under test (the checkout or the
+    installed package, whichever this process imported), from any working folder."""
+    root = str(Path(pyqshare.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.fixture(scope="session")
+def run_cli(package_env):
+    """``run_cli(command, *args, cwd=None)``: ``python -m pyqshare command args...`` in a child process, returning
+    its CompletedProcess with text stdout and stderr."""
+
+    def run(command: str, *args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pyqshare", command, *map(str, args)], cwd=cwd, env=package_env,
+                              capture_output=True, text=True, timeout=600, check=False)
+
+    return run

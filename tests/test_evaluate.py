@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +13,6 @@ from onnx import TensorProto, helper, numpy_helper
 from pyqshare.calibration import default_inputs, run_model, write_input_list
 from pyqshare.errors import InputError
 from pyqshare.evaluate import compare_outputs, evaluate, min_sqnr_db, sqnr_db, summarize_outputs
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def classifier(path: Path, *, noise: float = 0.0, batch: int | str = 4, seed: int = 1) -> Path:
@@ -208,15 +204,10 @@ def test_qnn_refuses_a_model_the_htp_cannot_run_whole(tmp_path, require_qnn):
         evaluate(dynamic, dynamic, qnn=True)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyqshare", "evaluate", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-
-
-def test_cli_json_is_one_object(tmp_path):
+def test_cli_json_is_one_object(tmp_path, run_cli):
     reference = classifier(tmp_path / "ref.onnx", batch="batch")
     candidate = classifier(tmp_path / "cand.onnx", batch="batch", noise=0.05)
-    result = run_cli("--reference", str(reference), "--candidate", str(candidate), "--input-shape", "x=2,16",
+    result = run_cli("evaluate", "--reference", reference, "--candidate", candidate, "--input-shape", "x=2,16",
                      "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # the whole of stdout is one JSON object
@@ -225,9 +216,9 @@ def test_cli_json_is_one_object(tmp_path):
         evaluate(reference, candidate, input_shapes={"x": (2, 16)})["outputs"]["logits"]["sqnr_db"])
 
 
-def test_cli_qnn_json_keeps_native_prints_off_stdout(tmp_path, require_qnn):
+def test_cli_qnn_json_keeps_native_prints_off_stdout(tmp_path, require_qnn, run_cli):
     model = classifier(tmp_path / "m.onnx", batch=1)
-    result = run_cli("--reference", str(model), "--candidate", str(model), "--qnn", "--json")
+    result = run_cli("evaluate", "--reference", model, "--candidate", model, "--qnn", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # the QNN libraries' own prints ("# LIBNATIVE: ...") went to stderr
     assert report["qnn"]["min_sqnr_db"] > 30.0
@@ -241,9 +232,9 @@ def test_cli_qnn_json_keeps_native_prints_off_stdout(tmp_path, require_qnn):
         (["--candidate", "{model}", "--input-shape", "x=two"], "--input-shape 'x=two'"),
     ],
 )
-def test_cli_bad_input_exits_2(tmp_path, args, message):
+def test_cli_bad_input_exits_2(tmp_path, run_cli, args, message):
     model = classifier(tmp_path / "m.onnx")
     paths = {"absent": tmp_path / "absent.onnx", "model": model, "absent_inputs": tmp_path / "absent.npz"}
-    result = run_cli("--reference", str(model), *[arg.format(**paths) for arg in args], "--json")
+    result = run_cli("evaluate", "--reference", model, *[arg.format(**paths) for arg in args], "--json")
     assert result.returncode == 2
     assert result.stdout == "" and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -350,15 +347,10 @@ def test_placement_of_unnamed_nodes_with_external_data(tmp_path, require_qnn):
 # --- the command line -------------------------------------------------------------------------------------
 
 
-def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "pyqshare", "prepare", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=os.environ.copy(), check=False)
-
-
-def test_cli_json_is_one_object_and_placement_logs_stay_off_stdout(tmp_path, require_qnn):
+def test_cli_json_is_one_object_and_placement_logs_stay_off_stdout(tmp_path, require_qnn, run_cli):
     source = _reshape_chain_model(tmp_path / "m.onnx")
-    done = _cli("--model-path", source, "--output-path", tmp_path / "out.onnx", "--input-shape", "x=1,4,8",
-                "--json", cwd=tmp_path)
+    done = run_cli("prepare", "--model-path", source, "--output-path", tmp_path / "out.onnx",
+                   "--input-shape", "x=1,4,8", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert isinstance(report, dict) and done.stdout.count("\n") == 1
@@ -366,8 +358,8 @@ def test_cli_json_is_one_object_and_placement_logs_stay_off_stdout(tmp_path, req
     assert report["original"]["placement"]["cpu_nodes"] > 0
 
 
-def test_cli_missing_model_exits_2_with_one_line(tmp_path):
-    done = _cli("--model-path", tmp_path / "absent.onnx", "--output-path", tmp_path / "out.onnx", "--json",
-                cwd=tmp_path)
+def test_cli_missing_model_exits_2_with_one_line(tmp_path, run_cli):
+    done = run_cli("prepare", "--model-path", tmp_path / "absent.onnx", "--output-path", tmp_path / "out.onnx",
+                   "--json", cwd=tmp_path)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "--model-path" in done.stderr and "absent.onnx" in done.stderr
