@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from pyqshare._atomic import atomic_output
+from pyqshare.model import save_model
 
 PPOCR_WHEEL = "rapidocr-onnxruntime==1.4.4"
 # name -> (file in the wheel, a static input shape that suits it)
@@ -117,9 +118,7 @@ def synthetic_mlp(path: str | os.PathLike[str], *, seed: int = 0, features: int 
              _f32("beta", 0.1 * rng.standard_normal(features))]
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, features])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, features])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    with atomic_output(path) as handle:
-        handle.write(model.SerializeToString())
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
     return Path(path)
 
 
@@ -140,7 +139,5 @@ def synthetic_cnn(path: str | os.PathLike[str], *, seed: int = 1) -> Path:
              _f32("fcb", rng.standard_normal(10) * 0.1)]
     graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
                               [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    with atomic_output(path) as handle:
-        handle.write(model.SerializeToString())
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
     return Path(path)
