@@ -48,21 +48,24 @@ def ppocr_cls_onnx(pytestconfig: pytest.Config):
     return path
 
 
-@pytest.fixture(scope="session")
-def package_env() -> dict[str, str]:
-    """The environment for a child Python that must import the pyqshare under test (the checkout or the
-    installed package, whichever this process imported), from any working folder."""
+@pytest.fixture(scope="session", autouse=True)
+def children_import_this_package():
+    """Child Pythons (CLI tests, the placement probe) import the pyqshare under test, the checkout or the
+    installed package, whichever this process imported, from any working folder (a relative PYTHONPATH such
+    as ``.`` would not follow them into a temporary folder)."""
     root = str(Path(pyqshare.__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        yield
 
 
 @pytest.fixture(scope="session")
-def run_cli(package_env):
+def run_cli():
     """``run_cli(command, *args, cwd=None)``: ``python -m pyqshare command args...`` in a child process, returning
     its CompletedProcess with text stdout and stderr."""
 
     def run(command: str, *args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pyqshare", command, *map(str, args)], cwd=cwd, env=package_env,
+        return subprocess.run([sys.executable, "-m", "pyqshare", command, *map(str, args)], cwd=cwd,
                               capture_output=True, text=True, timeout=600, check=False)
 
     return run
