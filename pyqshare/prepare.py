@@ -54,8 +54,8 @@ from pyqshare.model import (
 )
 from pyqshare.model.external import inline_external, resolve_external
 from pyqshare.qnn.placement import placement_report
-from pyqshare.shapes import declared_dims, parse_input_shapes, resolve_input_shapes, runtime_inputs
 from pyqshare.qnn.rewrites import fuse_gelu
+from pyqshare.shapes import declared_dims, parse_input_shapes, resolve_input_shapes, runtime_inputs
 
 MAX_FOLDED_BYTES = 1 << 20
 PLACEMENT_CHOICES = ("both", "prepared", "none")
@@ -98,7 +98,7 @@ def _static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
     for value in [*graph.input, *graph.output, *graph.value_info]:
         shape = declared_dims(value)
         if shape is not None and all(isinstance(dim, int) for dim in shape):
-            shapes[value.name] = tuple(shape)
+            shapes[value.name] = shape
     return shapes
 
 
@@ -319,8 +319,9 @@ def prepare_model(
         ``dynamic_tensors``, and for ``original`` and ``prepared``: ``nodes``, ``weight_bytes``,
         ``input_shapes`` and ``placement`` (``htp_nodes, cpu_nodes, partitions, htp_weight_bytes,
         cpu_weight_bytes, cpu_ops, fallback_reasons``; None with a ``placement_note`` when QNN is missing
-        or no session could be created). The written model keeps the input's opsets, and its IR version
-        unless onnxruntime cannot read that one (:func:`pyqshare.model.supported_ir_version`).
+        or no session could be created). The written model keeps the input's opsets (raised to 20 when a
+        GELU is fused) and IR version, raised as far as those opsets need and never above what onnxruntime
+        reads (:func:`pyqshare.model.supported_ir_version`).
     """
     if placement not in PLACEMENT_CHOICES:
         raise InputError(f"--placement {placement!r}: choose one of {', '.join(PLACEMENT_CHOICES)}")
