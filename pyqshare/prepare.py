@@ -81,6 +81,8 @@ def _fix_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> di
             for dim in value.type.tensor_type.shape.dim:
                 if dim.dim_param in dims:
                     dim.dim_value = dims[dim.dim_param]
+                elif (dim.HasField("dim_value") and dim.dim_value <= 0) or dim.dim_param == "?":
+                    dim.Clear()  # paddle2onnx's -1 and "?" mean "unknown": let shape inference fill them in
     del model.graph.value_info[:]
     return dims
 

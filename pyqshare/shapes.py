@@ -78,12 +78,20 @@ def runtime_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
 
 
 def declared_dims(value: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
-    """``value``'s dims as declared: an int, a dim name, or None when anonymous; None without a tensor shape."""
+    """``value``'s dims as declared: an int, a dim name, or None when anonymous; None without a tensor shape.
+
+    A non-positive ``dim_value`` and a ``dim_param`` of "?" (paddle2onnx writes both for unrelated dynamic
+    dims) count as anonymous.
+    """
     tensor_type = value.type.tensor_type
     if not value.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
         return None
     dims = tensor_type.shape.dim
-    return tuple(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in dims)
+    return tuple(
+        (dim.dim_value if dim.dim_value > 0 else None) if dim.HasField("dim_value")
+        else (dim.dim_param if dim.dim_param not in ("", "?") else None)
+        for dim in dims
+    )
 
 
 def input_signature(model: ModelSource) -> list[InputSpec]:

@@ -6,6 +6,8 @@ Search effort by ``--optimization-level``:
 2. (default) level 1's scales, then GPTQ rounding against each linear layer's calibration inputs;
 3. level 2, with activation ranges that minimise their quantization error (``--activation-method mse``)
    unless another method is given.
+
+Activation ranges otherwise default to min-max at 16 bits and the 99.99th percentile at 8 bits.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pyqshare.quantize.scheme import ACTIVATION_BITS, WEIGHT_BITS, QuantScheme, 
 
 # 16-bit activations for transformer-style models, as QNN deployments of transformers do.
 DEFAULT_ACTIVATION_BITS = {"text": 16, "text_generation": 16, "multimodal": 16, "vision": 8, "audio": 8}
+# 16 bits resolve any calibrated range finely, so clipping only hurts; at 8 bits, clipping the 0.01% tails
+# buys resolution (PP-OCR's classifier: 23.6 dB with percentile ranges, 18.5 dB with min-max).
+DEFAULT_ACTIVATION_METHOD = {16: "minmax", 8: "percentile"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-bits", type=int, choices=ACTIVATION_BITS,
                         help="default by --model-type: 16 for text, text_generation and multimodal, else 8")
     parser.add_argument("--activation-method", choices=("minmax", "percentile", "mse"),
-                        help="activation range calibration (default minmax; mse at --optimization-level 3)")
+                        help="activation range calibration (default: minmax for 16-bit activations, percentile for "
+                        "8-bit; mse at --optimization-level 3)")
     parser.add_argument("--optimize-zero-points", action="store_true",
                         help="asymmetric weights with searched zero points (not for 4-bit weights)")
     parser.add_argument("--optimization-level", type=int, choices=range(4), default=2, metavar="{0,1,2,3}",
@@ -55,7 +61,7 @@ def scheme_for(args: argparse.Namespace, model_type: str) -> QuantScheme:
         search="minmax" if level == 0 else "mse",
         rounding="gptq" if level >= 2 else "nearest",
     )
-    activation_method = args.activation_method or ("mse" if level == 3 else "minmax")
+    activation_method = args.activation_method or ("mse" if level == 3 else DEFAULT_ACTIVATION_METHOD[activation_bits])
     return QuantScheme(weights=weights, activation_bits=activation_bits, activation_method=activation_method)
 
 

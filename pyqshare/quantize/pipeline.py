@@ -29,6 +29,21 @@ from pyqshare.quantize.scheme import LINEAR_ROLES, QuantScheme, WeightScheme
 
 Sample = Mapping[str, np.ndarray]
 
+# Outputs with a known range get the power-of-two grid over it, not a calibrated one: QNN's HTP requires
+# these encodings for Sigmoid and Tanh (onnxruntime's QNN recipe fixes them the same way), and onnxruntime's
+# CPU QLinearSoftmax assumes scale 2^-bits (with a calibrated range it returned 0 for the larger of two class
+# probabilities).
+def _unit_interval(bits: int) -> tuple[float, int]:
+    return 2.0**-bits, 0
+
+
+def _symmetric_unit(bits: int) -> tuple[float, int]:
+    return 2.0 ** (1 - bits), 1 << (bits - 1)
+
+
+FIXED_OUTPUT_QPARAMS = {"Softmax": _unit_interval, "Sigmoid": _unit_interval, "HardSigmoid": _unit_interval,
+                        "Tanh": _symmetric_unit}
+
 
 @dataclass
 class LayerResult:
@@ -128,8 +143,11 @@ def quantize_model(
             result.weight_elements += weight.size
             result.weight_bits += weight.size * bits + 32 + bits
 
+    producers = {output: node.op_type for node in model.graph.node for output in node.output}
     for name, (low, high) in ranges.items():
-        scale, zero_point = _activation_qparams(low, high, scheme.activation_bits)
+        fixed = FIXED_OUTPUT_QPARAMS.get(producers.get(name, ""))
+        bits = scheme.activation_bits
+        scale, zero_point = fixed(bits) if fixed else _activation_qparams(low, high, bits)
         insert_activation_qdq(model, name, scale, zero_point, scheme.activation_elem_type)
 
     result.packed_bytes = math.ceil(result.weight_bits / 8)
