@@ -117,8 +117,9 @@ def quantize_model(
         if weight.name in linear_names:
             continue
         if _is_int32_bias(weight, weight_scales, layer_inputs_of=model):
-            input_scale = _activation_qparams(*ranges[_layer_input(model, _weight_by_name(linear, weight.bias_of))],
-                                              scheme.activation_bits)[0]
+            # The layer's activation input (Conv X, Gemm A, transposed or not) sets the bias scale.
+            layer = _consumer_node(model, _weight_by_name(linear, weight.bias_of))
+            input_scale = _activation_qparams(*ranges[layer.input[0]], scheme.activation_bits)[0]
             quantize_bias_in_place(model, weight, input_scale, weight_scales[weight.bias_of])
             bits = 32
         else:
