@@ -92,5 +92,7 @@ def test_rounding_layer_output_error(benchmark, run_once, layers, method, bits):
     geometric = float(np.exp(np.mean(np.log(ratios))))
     benchmark.extra_info.update(impl=method, error_vs_reference=round(geometric, 4),
                                 note=f"worst layer {max(ratios):.3f} of nearest")
-    # AdaRound never ends worse than nearest on the calibration data (its guard); GPTQ need not, per layer.
-    assert max(ratios) <= 1.0 + 1e-9 if method != "gptq" else geometric < 1.0
+    if method == "gptq":  # better than nearest overall, not necessarily on every layer
+        assert geometric < 1.0
+    else:  # AdaRound never ends worse than nearest on the calibration data (its guard)
+        assert max(ratios) <= 1.0 + 1e-9

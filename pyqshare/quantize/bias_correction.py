@@ -145,7 +145,9 @@ def _correctable(node: onnx.NodeProto, weight: Weight, bias: Weight) -> bool:
     return node.op_type == "Conv" and len(weight.shape) >= 3
 
 
-def _input_means(model, samples, layers: Mapping[str, tuple[onnx.NodeProto, Weight, Weight]], model_dir) -> dict[str, np.ndarray]:
+def _input_means(
+    model, samples, layers: Mapping[str, tuple[onnx.NodeProto, Weight, Weight]], model_dir
+) -> dict[str, np.ndarray]:
     """Per weight name: the mean input row of its MatMul/Gemm, or the mean im2col patch of its Conv."""
     tensors = sorted({node.input[0] for node, _, _ in layers.values()})
     if not tensors:

@@ -39,7 +39,7 @@ def fold_batch_norms(model: onnx.ModelProto, model_dir: str | os.PathLike[str] |
     Parameters
     ----------
     model
-        The model; changed in place. BN parameters that nothing reads any more are removed.
+        The model; changed in place. BN parameters (and replaced biases) that nothing reads any more are removed.
     model_dir
         Folder of the model's external data (None when it has none).
 
@@ -52,7 +52,7 @@ def fold_batch_norms(model: onnx.ModelProto, model_dir: str | os.PathLike[str] |
     stored = {w.name: w for w in find_weights(model, model_dir, min_elements=1) if not w.graph}
     names = NameFactory(model)
     folded: list[str] = []
-    dropped_parameters: set[str] = set()
+    unread_candidates: set[str] = set()
     batch_norms = [node_label(node) for node in graph.node
                    if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")]
     for label in batch_norms:
@@ -71,13 +71,14 @@ def fold_batch_norms(model: onnx.ModelProto, model_dir: str | os.PathLike[str] |
         epsilon = next((attr.f for attr in bn.attribute if attr.name == "epsilon"), 1e-5)
         factor = gamma / np.sqrt(var + epsilon)
         shift = beta - mean * factor
-        parameters = list(bn.input[1:5])
+        # A replaced Gemm C (new shape) becomes unread like the BN's parameters; the pruning checks readers.
+        replaced = list(bn.input[1:5]) + list(layer.input[2:3])
         fold = _FOLDERS[layer.op_type]
         if not fold(model, layer, bn, factor, shift, stored, names):
             continue
         folded.append(label)
-        dropped_parameters.update(parameters)
-    _remove_unread(graph, dropped_parameters)
+        unread_candidates.update(replaced)
+    _remove_unread(graph, unread_candidates)
     return folded
 
 
@@ -185,7 +186,8 @@ def _fold_gemm(model, layer, bn, factor, shift, stored, names) -> bool:
 def _fold_matmul(model, layer, bn, factor, shift, stored, names) -> bool:
     weight = stored.get(layer.input[1])
     activation = declared_type(model.graph, layer.input[0])
-    rank = len(activation.tensor_type.shape.dim) if activation is not None and activation.tensor_type.HasField("shape") else None
+    known = activation is not None and activation.tensor_type.HasField("shape")
+    rank = len(activation.tensor_type.shape.dim) if known else None
     # BN's channel axis 1 is the MatMul's output channel only for a 2-D product.
     if rank != 2 or not _own(weight, layer) or weight.shape != (weight.shape[0], factor.size):
         return False
