@@ -55,6 +55,7 @@ from pyqshare.model import (
 from pyqshare.model.external import inline_external, resolve_external
 from pyqshare.qnn.placement import placement_report
 from pyqshare.qnn.rewrites import fuse_gelu
+from pyqshare.quantize.folding import fold_batch_norms
 from pyqshare.shapes import declared_dims, parse_input_shapes, resolve_input_shapes, runtime_inputs
 
 MAX_FOLDED_BYTES = 1 << 20
@@ -240,7 +241,8 @@ def _check_structure(model: onnx.ModelProto) -> None:
 
 
 def _make_static(model: onnx.ModelProto, source: Path, input_shapes: Mapping[str, Sequence[int]]) -> tuple[dict, int]:
-    """Fix the input dims, fold until nothing changes and record every inferred shape in the model.
+    """Fix the input dims, fold until nothing changes, fold BatchNorms into their layers, fuse erf-GELU and
+    record every inferred shape in the model.
 
     Returns the value chosen per dim name and the number of folded nodes.
     """
@@ -250,6 +252,8 @@ def _make_static(model: onnx.ModelProto, source: Path, input_shapes: Mapping[str
     folded = 0
     while swept := _fold_once(model, weights):
         folded += swept
+    # QNN runs Conv+BatchNorm as one Conv; quantizing BN's mean and variance separately ruins 8-bit models.
+    fold_batch_norms(model, source.parent)
     fuse_gelu(model)
     inferred = _infer(model)
     model.graph.value_info.extend(inferred.graph.value_info)

@@ -2,7 +2,8 @@
 
 Every float tensor goes through QuantizeLinear/DequantizeLinear, as QNN's HTP requires of a quantized graph:
 - linear-layer weights (MatMul, Gemm, Conv, ConvTranspose, RNN W/R) get the scheme's integer codes and scales,
-  searched with ``scale_search`` and optionally rounded with GPTQ against the layer's calibration inputs;
+  searched with ``scale_search`` and optionally rounded with GPTQ or AdaRound against the layer's calibration
+  inputs (MatMul and Gemm weights: the rounding needs the Gram matrix of the layer's 2-D inputs);
 - Gemm/Conv biases become int32 with scale ``input_scale * weight_scale`` (QNN's bias format);
 - all other float data (norm parameters, the bias of a MatMul+Add, embedding tables, scalars) is quantized
   per tensor at the activation bit width, as onnxruntime's QNN recipe does: an embedding table's codes are
@@ -13,8 +14,9 @@ Every float tensor goes through QuantizeLinear/DequantizeLinear, as QNN's HTP re
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from pyqshare import kernels
 from pyqshare.calibration import collect_activation_ranges, cpu_session, run_session
 from pyqshare.model import Weight, find_weights
 from pyqshare.model.qdq import insert_activation_qdq, quantize_bias_in_place, quantize_weight_in_place
+from pyqshare.quantize.adaround import adaround
 from pyqshare.quantize.rounding import gptq_round
 from pyqshare.quantize.scheme import LINEAR_ROLES, QuantScheme, WeightScheme
 
@@ -80,6 +83,7 @@ def quantize_model(
     model_dir: str | Path | None = None,
     overrides: Mapping[str, WeightScheme] | None = None,
     min_elements: int = 64,
+    on_weight_quantized: Callable[[Weight, np.ndarray, np.ndarray], None] | None = None,
 ) -> QuantizedModel:
     """Quantize ``model`` in place into QDQ form and return it with per-layer results.
 
@@ -98,6 +102,9 @@ def quantize_model(
         Weight scheme per linear-layer weight name, replacing the default (mixed precision).
     min_elements
         Tensors with fewer elements are not counted as weights in the size figures (../shared/CLI.md).
+    on_weight_quantized
+        Called as ``(weight, float values, dequantized values)`` after each linear-layer weight is quantized
+        and before any bias is: a method may still change the float biases (bias correction).
     """
     overrides = dict(overrides or {})
     weights = find_weights(model, model_dir, min_elements=1)
@@ -106,7 +113,7 @@ def quantize_model(
         model, samples, method=scheme.activation_method, bits=scheme.activation_bits, model_dir=model_dir
     )
     schemes = {w.name: overrides.get(w.name, scheme.weights) for w in linear}
-    layer_inputs = {w.name: _gptq_input(model, w) for w in linear if schemes[w.name].rounding == "gptq"}
+    layer_inputs = {w.name: _gram_input(model, w) for w in linear if schemes[w.name].rounding != "nearest"}
     layer_inputs = {name: tensor for name, tensor in layer_inputs.items() if tensor is not None}
     grams = _input_grams(model, samples, layer_inputs, model_dir)
 
@@ -121,6 +128,8 @@ def quantize_model(
             model, weight, codes, scale, zero_point, chosen.elem_type, axis=axis, block_size=block_size
         )
         weight_scales[weight.name] = scale
+        if on_weight_quantized is not None:
+            on_weight_quantized(weight, values, dequantized)
         packed = weight.size * chosen.bits + scale.size * (32 + chosen.bits)
         result.layers[weight.name] = LayerResult(chosen, weight.size, _sqnr_db(values, dequantized), packed)
         if weight.size >= min_elements:
@@ -179,8 +188,9 @@ def _layer_input(model: onnx.ModelProto, weight: Weight) -> str | None:
     return node.input[0]
 
 
-def _gptq_input(model: onnx.ModelProto, weight: Weight) -> str | None:
-    """The layer input whose Gram matrix drives GPTQ: 2-D MatMul/Gemm weights only (Conv would need im2col)."""
+def _gram_input(model: onnx.ModelProto, weight: Weight) -> str | None:
+    """The layer input whose Gram matrix drives GPTQ and AdaRound: 2-D MatMul/Gemm weights only (Conv would
+    need im2col)."""
     node = _consumer_node(model, weight)
     if node is None or len(weight.shape) != 2 or node.op_type not in ("MatMul", "Gemm"):
         return None
@@ -219,7 +229,8 @@ def _quantize_linear(values: np.ndarray, weight: Weight, scheme: WeightScheme, g
         transposed = weight.channel_axis == 0
         view = values.T if transposed else values
         columns = view.shape[1]
-        codes = gptq_round(
+        rounding = gptq_round if scheme.rounding == "gptq" else partial(adaround, iterations=scheme.iterations)
+        codes = rounding(
             view,
             np.broadcast_to(scale, (columns,)),
             np.broadcast_to(zero_point.astype(np.float64), (columns,)),

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from onnx import TensorProto
 
 from pyqshare.errors import InputError
+from pyqshare.quantize.adaround import DEFAULT_ITERATIONS
 
 WEIGHT_BITS = (4, 8, 16)
 ACTIVATION_BITS = (8, 16)
 GRANULARITIES = ("per-tensor", "per-channel", "per-block")
 SEARCHES = ("minmax", "mse")
-ROUNDINGS = ("nearest", "gptq")
+ROUNDINGS = ("nearest", "gptq", "adaround")
 
 # Weights read by these roles are quantized with a WeightScheme; every other float initializer (norm
 # parameters, biases of MatMul+Add, embeddings, scalars) is static data quantized like an activation.
@@ -27,7 +28,9 @@ class WeightScheme:
     input features within each output channel. symmetric: signed codes with zero point 0 (int4 always is:
     QNN's HTP computes asymmetric int4 wrongly); asymmetric: unsigned codes with a searched zero point.
     search: the clipping range from min/max, or the scale_search optimum of the weight's squared error.
-    rounding: nearest, or GPTQ's error-compensating rounding against the layer's calibration inputs.
+    rounding: nearest, GPTQ's error-compensating rounding against the layer's calibration inputs, or
+    AdaRound's learned up-or-down rounding against them (:mod:`pyqshare.quantize.adaround`), which takes
+    ``iterations`` Adam steps per layer.
     """
 
     bits: int = 8
@@ -36,6 +39,7 @@ class WeightScheme:
     symmetric: bool = True
     search: str = "mse"
     rounding: str = "gptq"
+    iterations: int = DEFAULT_ITERATIONS
 
     def __post_init__(self) -> None:
         if self.bits not in WEIGHT_BITS:
@@ -50,6 +54,8 @@ class WeightScheme:
             raise InputError("int4 weights are always symmetric (QNN's HTP computes asymmetric int4 wrongly)")
         if self.search not in SEARCHES or self.rounding not in ROUNDINGS:
             raise InputError(f"unknown search {self.search!r} or rounding {self.rounding!r}")
+        if self.iterations < 0:
+            raise InputError(f"--iterations must be at least 0, not {self.iterations}")
 
     @property
     def elem_type(self) -> int:
