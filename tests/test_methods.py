@@ -200,3 +200,23 @@ def test_minilm_per_channel_runs_whole_on_the_htp(minilm_onnx, minilm_per_channe
     # With CPU fallback disabled the simulated HTP runs it; its fixed-point arithmetic loses ~3 dB (measured 29.2).
     report = evaluate(minilm_onnx, path, samples=default_inputs(load_model(path), purpose="evaluation", count=1), qnn=True)
     assert report["qnn"]["min_sqnr_db"] > 25.0, report["qnn"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # onnxruntime's quantizer suggests its own pre-processing
+def test_real_cnn_per_channel_beats_onnxruntime_and_runs_on_the_htp(ppocr_cls_onnx, tmp_path, require_qnn):
+    """PP-OCR's MobileNetV3 classifier (Conv+BN, hard-swish, SE blocks, Softmax), 8-bit activations."""
+    from pyqshare.prepare import prepare_model
+    from pyqshare.qnn.placement import placement_report
+
+    shape = {"x": (1, 3, 48, 192)}
+    summary = quantize_cli("per-channel", ppocr_cls_onnx, tmp_path / "q.onnx", "--input-shape", "x=1,3,48,192")
+    assert summary["model_type"] == "vision" and summary["parameters"]["activation_bits"] == 8
+    prepare_model(ppocr_cls_onnx, tmp_path / "prepared.onnx", shape, placement="none")
+    prepared = load_model(tmp_path / "prepared.onnx")
+    _ort_quantize_static(tmp_path / "prepared.onnx", tmp_path / "ort.onnx",
+                         default_inputs(prepared, purpose="calibration"), 8)
+    evaluation = default_inputs(prepared, purpose="evaluation")
+    ort = summarize_outputs(run_model(ppocr_cls_onnx, evaluation), run_model(tmp_path / "ort.onnx", evaluation))
+    assert summary["min_sqnr_db"] > ort["min_sqnr_db"], (summary["outputs"], ort["outputs"])
+    placement = placement_report(tmp_path / "q.onnx")
+    assert placement.cpu_nodes == 0 and placement.partitions == 1, placement.to_dict()
