@@ -5,9 +5,13 @@ matrix ``H = X^T X`` of the layer's calibration inputs, the rounding error of on
 the rows not yet rounded so that the layer's *output* error ``||X (W - Q)||`` shrinks (Frantar et al., GPTQ,
 ICLR 2023; the row update is OBQ's closed form). Rows go in order of decreasing input energy ("act-order").
 On all-MiniLM-L6-v2 this lifts int8 per-channel output SQNR by about 7 dB over nearest rounding.
+
+:func:`gptq_round` snaps to an integer grid; :func:`gptq_assign` to a look-up table (weight clustering).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -44,6 +48,62 @@ def gptq_round(
     np.ndarray
         (I, O) int32 codes.
     """
+    scale = np.asarray(scale, dtype=np.float64)
+    zero_point = np.asarray(zero_point, dtype=np.float64)
+
+    def snap(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        code = np.clip(np.rint(values / scale) + zero_point, qmin, qmax)
+        return code, (code - zero_point) * scale
+
+    return _compensated(weight, gram, snap, damping)
+
+
+def gptq_assign(weight: np.ndarray, codebooks: np.ndarray, gram: np.ndarray, *, damping: float = 0.01) -> np.ndarray:
+    """Codebook indices for ``weight`` (weight clustering), chosen to minimise the layer's output error.
+
+    GPTQ with a look-up table in place of the integer grid: each row takes the nearest codebook value and
+    its error is pushed onto the rows not yet assigned, as in :func:`gptq_round`.
+
+    Parameters
+    ----------
+    weight
+        (I, O) float array: I input features by O output channels.
+    codebooks
+        (1, k): one codebook for the whole weight, or (O, k): one per output channel; each row ascending.
+    gram
+        (I, I) Gram matrix ``X^T X`` of the layer's inputs over the calibration data.
+    damping
+        Fraction of the mean diagonal added to ``gram`` so that it is safely invertible.
+
+    Returns
+    -------
+    np.ndarray
+        (I, O) int32 indices into the codebook of each value's channel (ties go to the lower index).
+    """
+    codebooks = np.asarray(codebooks, dtype=np.float64)
+    midpoints = (codebooks[:, 1:] + codebooks[:, :-1]) / 2
+    channels = np.arange(weight.shape[1])
+
+    def snap(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(codebooks) == 1:
+            index = np.searchsorted(midpoints[0], values, side="left")
+            return index, codebooks[0, index]
+        index = np.sum(values[:, None] > midpoints, axis=1)
+        return index, codebooks[channels, index]
+
+    return _compensated(weight, gram, snap, damping)
+
+
+def _compensated(
+    weight: np.ndarray,
+    gram: np.ndarray,
+    snap: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    damping: float,
+) -> np.ndarray:
+    """Snap ``weight`` row by row with ``snap(row) -> (codes, values)``, compensating each row's error.
+
+    Returns the (I, O) int32 codes.
+    """
     n_in = weight.shape[0]
     h = np.array(gram, dtype=np.float64)
     dead = np.diag(h) == 0  # inputs that never fire: their weights do not matter, round them plainly
@@ -54,16 +114,13 @@ def gptq_round(
     # Upper Cholesky factor of H^-1: row i holds the update that spreads row i's error onto rows > i.
     upper = np.linalg.cholesky(np.linalg.inv(h)).T
     work = np.array(weight[order], dtype=np.float64)
-    scale = np.asarray(scale, dtype=np.float64)
-    zero_point = np.asarray(zero_point, dtype=np.float64)
     codes = np.empty(work.shape, dtype=np.int32)
     for start in range(0, n_in, _BLOCK):
         stop = min(n_in, start + _BLOCK)
         errors = np.empty((stop - start, work.shape[1]))
         for row in range(start, stop):
-            code = np.clip(np.rint(work[row] / scale) + zero_point, qmin, qmax)
-            codes[row] = code
-            error = (work[row] - (code - zero_point) * scale) / upper[row, row]
+            codes[row], values = snap(work[row])
+            error = (work[row] - values) / upper[row, row]
             errors[row - start] = error
             work[row + 1 : stop] -= np.outer(upper[row, row + 1 : stop], error)
         work[stop:] -= upper[start:stop, stop:].T @ errors
