@@ -84,6 +84,7 @@ def quantize_model(
     overrides: Mapping[str, WeightScheme] | None = None,
     min_elements: int = 64,
     on_weight_quantized: Callable[[Weight, np.ndarray, np.ndarray], None] | None = None,
+    fixed_scales: Mapping[str, np.ndarray] | None = None,
 ) -> QuantizedModel:
     """Quantize ``model`` in place into QDQ form and return it with per-layer results.
 
@@ -105,8 +106,13 @@ def quantize_model(
     on_weight_quantized
         Called as ``(weight, float values, dequantized values)`` after each linear-layer weight is quantized
         and before any bias is: a method may still change the float biases (bias correction).
+    fixed_scales
+        Fixed scales for some linear-layer weights (symmetric schemes), shaped for their granularity (0-d per
+        tensor, one per channel): no scale search, the codes are the nearest points of that grid. Weight
+        clustering uses it to write weights that already lie on a grid exactly.
     """
     overrides = dict(overrides or {})
+    fixed_scales = dict(fixed_scales or {})
     weights = find_weights(model, model_dir, min_elements=1)
     linear = [w for w in weights if w.role in LINEAR_ROLES and w.channel_axis is not None]
     ranges = collect_activation_ranges(
@@ -122,7 +128,9 @@ def quantize_model(
     for weight in linear:
         chosen = schemes[weight.name]
         values = np.asarray(weight.array(), dtype=np.float32)
-        codes, scale, zero_point, axis, block_size = _quantize_linear(values, weight, chosen, grams.get(weight.name))
+        codes, scale, zero_point, axis, block_size = _quantize_linear(
+            values, weight, chosen, grams.get(weight.name), fixed_scales.get(weight.name)
+        )
         dequantized = kernels.dequantize(codes, scale, zero_point, chosen.bits, axis=axis, block_size=block_size)
         quantize_weight_in_place(
             model, weight, codes, scale, zero_point, chosen.elem_type, axis=axis, block_size=block_size
@@ -197,8 +205,11 @@ def _gram_input(model: onnx.ModelProto, weight: Weight) -> str | None:
     return _layer_input(model, weight)
 
 
-def _input_grams(model, samples, layer_inputs: Mapping[str, str], model_dir) -> dict[str, np.ndarray]:
-    """``X^T X`` of each layer's input over all calibration samples (rows = positions, columns = features)."""
+def _input_grams(
+    model, samples, layer_inputs: Mapping[str, str], model_dir, dtype=np.float64
+) -> dict[str, np.ndarray]:
+    """``X^T X`` of each layer's input over all calibration samples (rows = positions, columns = features);
+    each sample's product computed in ``dtype``, the sum over samples in float64."""
     if not layer_inputs:
         return {}
     tensors = sorted(set(layer_inputs.values()))
@@ -207,12 +218,14 @@ def _input_grams(model, samples, layer_inputs: Mapping[str, str], model_dir) -> 
         for sample in samples:
             (outputs,) = run_session(session, [sample], tensors)
             for tensor, values in outputs.items():
-                rows = np.asarray(values, dtype=np.float64).reshape(-1, values.shape[-1])
-                grams[tensor] = grams.get(tensor, 0.0) + rows.T @ rows
+                rows = np.asarray(values, dtype=dtype).reshape(-1, values.shape[-1])
+                grams[tensor] = grams.get(tensor, 0.0) + (rows.T @ rows).astype(np.float64, copy=False)
     return {weight: grams[tensor] for weight, tensor in layer_inputs.items()}
 
 
-def _quantize_linear(values: np.ndarray, weight: Weight, scheme: WeightScheme, gram: np.ndarray | None):
+def _quantize_linear(
+    values: np.ndarray, weight: Weight, scheme: WeightScheme, gram: np.ndarray | None, fixed_scale: np.ndarray | None
+):
     """(codes, scale, zero_point, DequantizeLinear axis, block_size) for one linear-layer weight."""
     if scheme.granularity == "per-tensor":
         axis, block_size = None, None
@@ -220,10 +233,16 @@ def _quantize_linear(values: np.ndarray, weight: Weight, scheme: WeightScheme, g
         axis, block_size = weight.channel_axis, None
     else:
         axis, block_size = weight.reduction_axis, scheme.block_size
-    objective = "minmax" if scheme.search == "minmax" else "mse"
-    scale, zero_point = kernels.scale_search(
-        values, scheme.bits, axis=axis, block_size=block_size, symmetric=scheme.symmetric, objective=objective
-    )
+    if fixed_scale is not None:
+        if not scheme.symmetric:
+            raise ValueError(f"weight {weight.name!r}: fixed scales need a symmetric scheme (zero point 0)")
+        scale = np.asarray(fixed_scale, dtype=np.float32)
+        zero_point = np.zeros(scale.shape, np.int8 if scheme.bits <= 8 else np.int16)
+    else:
+        objective = "minmax" if scheme.search == "minmax" else "mse"
+        scale, zero_point = kernels.scale_search(
+            values, scheme.bits, axis=axis, block_size=block_size, symmetric=scheme.symmetric, objective=objective
+        )
     if gram is not None and scheme.granularity != "per-block":
         # GPTQ works on the (inputs, outputs) view: rows are input features, columns output channels.
         transposed = weight.channel_axis == 0
