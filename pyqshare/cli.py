@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "int8": ("pyqshare.methods.baselines:run_int8", "baseline: per-tensor int8 weights, 8-bit activations"),
     "int4": ("pyqshare.methods.baselines:run_int4", "baseline: per-tensor int4 weights, 8-bit activations"),
     "per-channel": ("pyqshare.methods.per_channel", "per-channel/per-block weights via scale_search, calibrated activations"),
+    "cluster": ("pyqshare.methods.cluster", "k-means weight clustering with cluster-aware refinement, written as QDQ"),
     "learned": ("pyqshare.methods.learned", "BatchNorm folding, bias correction, AdaRound learned rounding (no training framework)"),
     "prepare": ("pyqshare.prepare", "fix shapes, fold shape computations, report QNN HTP placement"),
     "evaluate": ("pyqshare.evaluate", "fidelity of a candidate model against a reference"),
