@@ -36,9 +36,9 @@ elements is clustered; embeddings, norms and biases are not (they go through the
    (at most k distinct values per tensor or channel, exactly k when the weight has that many) and the model
    is then quantized to QDQ for QNN by the per-channel pipeline: int8 symmetric per-channel weights from
    min-max scales with nearest rounding (GPTQ would scatter the clusters), activations as
-   ``per-channel`` picks them (16-bit for text models, else 8-bit; ``--activation-bits``). int8 rounding
-   may move a codebook value by up to half a step, and may merge two values closer than one step: the
-   summary's ``int8_sqnr_db`` per layer measures that. ``--grid-aligned`` removes it: the weight is
+   ``per-channel`` picks them (16-bit min-max for text models, else 8-bit percentile;
+   ``--activation-bits``). int8 rounding may move a codebook value by up to half a step, and may merge two
+   values closer than one step: the summary's ``int8_sqnr_db`` per layer measures that. ``--grid-aligned`` removes it: the weight is
    clustered on its int8 codes (min-max scale of each channel, or of the tensor for per-tensor
    clustering), so every codebook value is an integer multiple of the scale, and the QDQ model is written
    with exactly those scales (per-tensor int8 weights for per-tensor clustering): the int8 model's weights
@@ -89,9 +89,9 @@ from pyqshare import kernels
 from pyqshare.errors import InputError
 from pyqshare.kernels.clustering import MAX_CLUSTERS
 from pyqshare.methods.common import MethodContext, add_common_arguments, run_method
-from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS
+from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS, DEFAULT_ACTIVATION_METHOD
 from pyqshare.model import find_weights, replace_weight
-from pyqshare.quantize.pipeline import QuantizedModel, _gptq_input, _input_grams, quantize_model
+from pyqshare.quantize.pipeline import QuantizedModel, _gram_input, _input_grams, quantize_model
 from pyqshare.quantize.rounding import gptq_assign
 from pyqshare.quantize.scheme import ACTIVATION_BITS, LINEAR_ROLES, QuantScheme, WeightScheme
 
@@ -493,7 +493,7 @@ def cluster_model(
     candidates = _candidates(clusters, adaptive=min_sqnr_db is not None)
     weights = [w for w in find_weights(model, model_dir, min_elements=min_elements)
                if w.role in LINEAR_ROLES and w.channel_axis is not None]
-    layer_inputs = {w.name: _gptq_input(model, w) for w in weights}
+    layer_inputs = {w.name: _gram_input(model, w) for w in weights}
     layer_inputs = {name: tensor for name, tensor in layer_inputs.items() if tensor is not None}
     grams = _input_grams(model, samples, layer_inputs, model_dir, dtype=np.float32)  # float64 sums
     statistics = {tensor: LayerInputs(grams[name]) for name, tensor in layer_inputs.items()}
@@ -610,7 +610,8 @@ def run(args: argparse.Namespace) -> dict:
         if not args.quantize:
             return _float_result(context.model, context.model_dir, layers, args.min_elements)
         activation_bits = args.activation_bits or DEFAULT_ACTIVATION_BITS[context.model_type]
-        parameters.update(activation_bits=activation_bits, weight_bits=8)
+        parameters.update(activation_bits=activation_bits, activation_method=DEFAULT_ACTIVATION_METHOD[activation_bits],
+                          weight_bits=8)
         return _quantized_result(context, layers, activation_bits, args.grid_aligned, args.per_channel)
 
     return run_method("cluster", args, quantize, parameters=parameters)
@@ -622,7 +623,8 @@ def _quantized_result(
 ) -> QuantizedModel:
     """The per-channel pipeline's int8 QDQ (min-max scales, nearest rounding), with the clustered size figures."""
     weights = WeightScheme(bits=8, granularity="per-channel", symmetric=True, search="minmax", rounding="nearest")
-    scheme = QuantScheme(weights=weights, activation_bits=activation_bits, activation_method="minmax")
+    scheme = QuantScheme(weights=weights, activation_bits=activation_bits,
+                         activation_method=DEFAULT_ACTIVATION_METHOD[activation_bits])
     overrides: dict[str, WeightScheme] = {}
     scales: dict[str, np.ndarray] = {}
     if grid_aligned:
