@@ -32,21 +32,20 @@ elements is clustered; embeddings, norms and biases are not (they go through the
    calibration data (and does not merge codebook values), so refinement never lowers the layer-output SQNR
    the summary reports. A weight clustered losslessly (k at or above its number of distinct values), or
    with more than :data:`REFINE_MAX_CLUSTERS` values, is not refined.
-3. **Writing**: QNN has no look-up-table weight type, so the clustered weights are written as float values
-   (at most k distinct values per tensor or channel, exactly k when the weight has that many) and the model
-   is then quantized to QDQ for QNN by the per-channel pipeline: int8 symmetric per-channel weights from
-   min-max scales with nearest rounding (GPTQ would scatter the clusters), activations as
-   ``per-channel`` picks them (16-bit min-max for text models, else 8-bit percentile;
-   ``--activation-bits``). int8 rounding may move a codebook value by up to half a step, and may merge two
-   values closer than one step: the summary's ``int8_sqnr_db`` per layer measures that. ``--grid-aligned`` removes it: the weight is
-   clustered on its int8 codes (min-max scale of each channel, or of the tensor for per-tensor
-   clustering), so every codebook value is an integer multiple of the scale, and the QDQ model is written
-   with exactly those scales (per-tensor int8 weights for per-tensor clustering): the int8 model's weights
-   *are* the clustered ones. Clustering integer codes cannot merge values: rounding the cluster means
-   keeps them apart. One int8 grid per tensor is coarse for a tensor with outliers (MiniLM's first
-   feed-forward output weight: largest 7.9, standard deviation 0.045): combine ``--grid-aligned`` with
-   ``--per-channel`` (table below). ``--no-quantize`` writes the float clustered model instead (no QDQ;
-   for runtimes with their own look-up-table formats, or to measure the clustering alone).
+3. **Writing**: QNN has no look-up-table weight type, so the clustered weights are written as float values (at
+   most k distinct values per tensor or channel, exactly k when the weight has that many) and the model is then
+   quantized to QDQ for QNN by the per-channel pipeline: int8 symmetric per-channel weights from min-max scales
+   with nearest rounding (GPTQ would scatter the clusters), activations as ``per-channel`` picks them (16-bit
+   min-max for text models, else 8-bit percentile; ``--activation-bits``). int8 rounding may move a codebook
+   value by up to half a step, and may merge two values closer than one step: the summary's ``int8_sqnr_db``
+   per layer measures that. ``--grid-aligned`` removes it: the weight is clustered on its int8 codes (min-max
+   scale of each channel, or of the tensor for per-tensor clustering), so every codebook value is an integer
+   multiple of the scale, and the QDQ model is written with exactly those scales (per-tensor int8 weights for
+   per-tensor clustering): the int8 model's weights *are* the clustered ones. Clustering integer codes cannot
+   merge values: rounding the cluster means keeps them apart. One int8 grid per tensor is coarse for a tensor
+   with outliers (MiniLM's first feed-forward output weight: largest 7.9, standard deviation 0.045): combine
+   ``--grid-aligned`` with ``--per-channel`` (table below). ``--no-quantize`` writes the float clustered model
+   instead (no QDQ; for runtimes with their own look-up-table formats, or to measure the clustering alone).
 
 Measured on all-MiniLM-L6-v2 (seq 128, default calibration and evaluation inputs, int8 QDQ with 16-bit
 activations; output SQNR of ``sentence_embedding``/``last_hidden_state``, the lower one):
