@@ -16,8 +16,8 @@ import pytest
 from pyqshare import kernels
 from pyqshare.calibration import cpu_session, default_inputs, run_session
 from pyqshare.model import find_weights
-from pyqshare.quantize.adaround import adaround
-from pyqshare.quantize.rounding import gptq_round
+from pyqshare.quantization.adaround import adaround
+from pyqshare.quantization.rounding import gptq_round
 
 ROUNDINGS = {
     "nearest": None,

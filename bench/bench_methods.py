@@ -13,8 +13,8 @@ from pyqshare.calibration import default_inputs, run_model
 from pyqshare.evaluate import summarize_outputs
 from pyqshare.model import load_model
 from pyqshare.prepare import prepare_model
-from pyqshare.quantize.pipeline import quantize_model
-from pyqshare.quantize.scheme import QuantScheme, WeightScheme
+from pyqshare.quantization.pipeline import quantize_model
+from pyqshare.quantization.scheme import QuantScheme, WeightScheme
 from pyqshare.zoo import export_minilm, synthetic_mlp
 
 

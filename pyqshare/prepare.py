@@ -55,7 +55,7 @@ from pyqshare.model import (
 from pyqshare.model.external import inline_external, resolve_external
 from pyqshare.qnn.placement import placement_report
 from pyqshare.qnn.rewrites import fuse_gelu
-from pyqshare.quantize.folding import fold_batch_norms
+from pyqshare.quantization.folding import fold_batch_norms
 from pyqshare.shapes import declared_dims, parse_input_shapes, resolve_input_shapes, runtime_inputs
 
 MAX_FOLDED_BYTES = 1 << 20

@@ -19,8 +19,8 @@ from pyqshare.calibration import cpu_session, default_inputs, run_model, run_ses
 from pyqshare.evaluate import evaluate
 from pyqshare.methods.cluster import Clustering, LayerInputs, cluster_model, refit_codebooks
 from pyqshare.model import find_weights, load_model
-from pyqshare.quantize.rounding import gptq_assign, gptq_round
-from pyqshare.quantize.scheme import LINEAR_ROLES
+from pyqshare.quantization.rounding import gptq_assign, gptq_round
+from pyqshare.quantization.scheme import LINEAR_ROLES
 from pyqshare.zoo import synthetic_cnn as cnn_model
 from pyqshare.zoo import synthetic_mlp as mlp_model
 

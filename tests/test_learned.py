@@ -17,12 +17,12 @@ from pyqshare import kernels
 from pyqshare.calibration import default_inputs, run_model
 from pyqshare.evaluate import evaluate
 from pyqshare.model import find_weights
-from pyqshare.quantize.adaround import adaround
-from pyqshare.quantize.bias_correction import BiasCorrection, add_missing_biases
-from pyqshare.quantize.folding import fold_batch_norms
-from pyqshare.quantize.pipeline import quantize_model
-from pyqshare.quantize.rounding import gptq_round
-from pyqshare.quantize.scheme import QuantScheme, WeightScheme
+from pyqshare.quantization.adaround import adaround
+from pyqshare.quantization.bias_correction import BiasCorrection, add_missing_biases
+from pyqshare.quantization.folding import fold_batch_norms
+from pyqshare.quantization.pipeline import quantize_model
+from pyqshare.quantization.rounding import gptq_round
+from pyqshare.quantization.scheme import QuantScheme, WeightScheme
 
 ROOT = Path(__file__).resolve().parents[1]
 

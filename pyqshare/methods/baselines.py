@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 from pyqshare.methods.common import MethodContext, add_common_arguments, run_method
-from pyqshare.quantize.pipeline import QuantizedModel, quantize_model
-from pyqshare.quantize.scheme import QuantScheme, WeightScheme
+from pyqshare.quantization.pipeline import QuantizedModel, quantize_model
+from pyqshare.quantization.scheme import QuantScheme, WeightScheme
 
 
 def baseline_scheme(bits: int) -> QuantScheme:

@@ -25,7 +25,7 @@ elements is clustered; embeddings, norms and biases are not (they go through the
      plus the exact remaining diagonal: exact for layers with at most 16 inputs, and on MiniLM within
      0.01 dB of the exact refit.
    * Label re-assignment (rounds 2 and later, ``--refine-rounds``, default 2): GPTQ with the codebook in
-     place of the integer grid (:func:`pyqshare.quantize.rounding.gptq_assign`): each input row takes the
+     place of the integer grid (:func:`pyqshare.quantization.rounding.gptq_assign`): each input row takes the
      nearest codebook value and its error is pushed onto the rows not yet assigned.
 
    Every step is kept per output channel only where it lowers that channel's output error on the
@@ -90,9 +90,9 @@ from pyqshare.kernels.clustering import MAX_CLUSTERS
 from pyqshare.methods.common import MethodContext, add_common_arguments, run_method
 from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS, DEFAULT_ACTIVATION_METHOD
 from pyqshare.model import find_weights, replace_weight
-from pyqshare.quantize.pipeline import QuantizedModel, _gram_input, _input_grams, quantize_model
-from pyqshare.quantize.rounding import gptq_assign
-from pyqshare.quantize.scheme import ACTIVATION_BITS, LINEAR_ROLES, QuantScheme, WeightScheme
+from pyqshare.quantization.pipeline import QuantizedModel, _gram_input, _input_grams, quantize_model
+from pyqshare.quantization.rounding import gptq_assign
+from pyqshare.quantization.scheme import ACTIVATION_BITS, LINEAR_ROLES, QuantScheme, WeightScheme
 
 # The Guide's recommended clusters per model type (the low end of its ranges; multimodal follows text).
 DEFAULT_CLUSTERS = {"text": 32, "vision": 16, "text_generation": 64, "audio": 32, "multimodal": 32}

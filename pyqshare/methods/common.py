@@ -26,7 +26,7 @@ from pyqshare.errors import InputError
 from pyqshare.evaluate import summarize_outputs
 from pyqshare.model import load_model, save_model
 from pyqshare.prepare import prepare_model
-from pyqshare.quantize.pipeline import QuantizedModel
+from pyqshare.quantization.pipeline import QuantizedModel
 
 MODEL_TYPES = ("text", "text_generation", "vision", "audio", "multimodal")
 TARGETS = ("qnn", "cpu")

@@ -2,15 +2,15 @@
 framework. Nothing is trained: the parameters that quantization-aware training would adjust are fitted to
 calibration data, layer by layer, in numpy.
 
-1. BatchNorm folding (``--fold-bn``, default on; :mod:`pyqshare.quantize.folding`): every Conv,
+1. BatchNorm folding (``--fold-bn``, default on; :mod:`pyqshare.quantization.folding`): every Conv,
    ConvTranspose, Gemm or 2-D MatMul followed by an inference-form BatchNormalization becomes one layer with
    folded weight and bias, exactly in float, so the BN's scale is quantized with the weight, not after it.
 2. Weights per output channel, symmetric, scales from ``scale_search`` (``--weight-bits 8`` by default, or 4),
-   rounded by AdaRound (:mod:`pyqshare.quantize.adaround`): per weight, up or down as learned against the
+   rounded by AdaRound (:mod:`pyqshare.quantization.adaround`): per weight, up or down as learned against the
    layer's calibration inputs, ``--iterations`` Adam steps per layer (0: nearest rounding). AdaRound needs
    the Gram matrix of a layer's 2-D inputs, so it applies to MatMul and Gemm weights; Conv and ConvTranspose
    weights round to nearest (an im2col Gram of ``C * kh * kw`` squared per layer was not worth its cost).
-3. Bias correction (``--bias-correction``, default on; :mod:`pyqshare.quantize.bias_correction`): each
+3. Bias correction (``--bias-correction``, default on; :mod:`pyqshare.quantization.bias_correction`): each
    layer's bias absorbs the mean output shift its quantized weight causes on calibration data,
    ``b' = b - E[x] (W_q - W)``; Gemm and Conv layers without a bias get a zero one first.
 4. Activations per tensor from min-max calibration through onnxruntime, 16-bit for text models and 8-bit
@@ -61,11 +61,11 @@ import math
 from pyqshare.errors import InputError
 from pyqshare.methods.common import MethodContext, add_common_arguments, run_method
 from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS
-from pyqshare.quantize.adaround import DEFAULT_ITERATIONS
-from pyqshare.quantize.bias_correction import BiasCorrection, add_missing_biases
-from pyqshare.quantize.folding import fold_batch_norms
-from pyqshare.quantize.pipeline import QuantizedModel, quantize_model
-from pyqshare.quantize.scheme import ACTIVATION_BITS, QuantScheme, WeightScheme
+from pyqshare.quantization.adaround import DEFAULT_ITERATIONS
+from pyqshare.quantization.bias_correction import BiasCorrection, add_missing_biases
+from pyqshare.quantization.folding import fold_batch_norms
+from pyqshare.quantization.pipeline import QuantizedModel, quantize_model
+from pyqshare.quantization.scheme import ACTIVATION_BITS, QuantScheme, WeightScheme
 
 LEARNED_WEIGHT_BITS = (4, 8)
 

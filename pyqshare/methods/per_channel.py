@@ -16,8 +16,8 @@ import argparse
 
 from pyqshare.errors import InputError
 from pyqshare.methods.common import MethodContext, add_common_arguments, run_method
-from pyqshare.quantize.pipeline import QuantizedModel, quantize_model
-from pyqshare.quantize.scheme import ACTIVATION_BITS, WEIGHT_BITS, QuantScheme, WeightScheme
+from pyqshare.quantization.pipeline import QuantizedModel, quantize_model
+from pyqshare.quantization.scheme import ACTIVATION_BITS, WEIGHT_BITS, QuantScheme, WeightScheme
 
 # 16-bit activations for transformer-style models, as QNN deployments of transformers do.
 DEFAULT_ACTIVATION_BITS = {"text": 16, "text_generation": 16, "multimodal": 16, "vision": 8, "audio": 8}

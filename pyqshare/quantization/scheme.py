@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from onnx import TensorProto
 
 from pyqshare.errors import InputError
-from pyqshare.quantize.adaround import DEFAULT_ITERATIONS
+from pyqshare.quantization.adaround import DEFAULT_ITERATIONS
 
 WEIGHT_BITS = (4, 8, 16)
 ACTIVATION_BITS = (8, 16)
@@ -29,7 +29,7 @@ class WeightScheme:
     QNN's HTP computes asymmetric int4 wrongly); asymmetric: unsigned codes with a searched zero point.
     search: the clipping range from min/max, or the scale_search optimum of the weight's squared error.
     rounding: nearest, GPTQ's error-compensating rounding against the layer's calibration inputs, or
-    AdaRound's learned up-or-down rounding against them (:mod:`pyqshare.quantize.adaround`), which takes
+    AdaRound's learned up-or-down rounding against them (:mod:`pyqshare.quantization.adaround`), which takes
     ``iterations`` Adam steps per layer.
     """
 

@@ -26,9 +26,9 @@ from pyqshare import kernels
 from pyqshare.calibration import collect_activation_ranges, cpu_session, run_session
 from pyqshare.model import Weight, find_weights
 from pyqshare.model.qdq import insert_activation_qdq, quantize_bias_in_place, quantize_weight_in_place
-from pyqshare.quantize.adaround import adaround
-from pyqshare.quantize.rounding import gptq_round
-from pyqshare.quantize.scheme import LINEAR_ROLES, QuantScheme, WeightScheme
+from pyqshare.quantization.adaround import adaround
+from pyqshare.quantization.rounding import gptq_round
+from pyqshare.quantization.scheme import LINEAR_ROLES, QuantScheme, WeightScheme
 
 Sample = Mapping[str, np.ndarray]
 
