@@ -377,7 +377,9 @@ def test_default_budget_is_the_recommended_configurations(block_path, tmp_path):
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--target-bits", "6"], "--target-bits needs --sensitivity-analysis"),
-    (["--sensitivity-analysis", "--target-bits", "3"], "below 4"),
+    (["--sensitivity-analysis", "--target-bits", "3"], "at least 4"),
+    (["--sensitivity-analysis", "--target-bits", "nan"], "at least 4"),
+    (["--sensitivity-analysis", "--candidate-precisions", "int8,int16", "--target-bits", "7"], "below 8.0000"),
     (["--sensitivity-analysis", "--target-bits", "4.5", "--output-precision", "fp16", "--embedding-precision",
       "int16"], "fewest bits per weight these layers"),
     (["--layer-wise-config", "{bad json"], "not valid JSON"),
@@ -439,14 +441,19 @@ def test_mixed_precision_block_runs_on_the_htp_without_cpu_fallback(block_path, 
 
 
 def test_minilm_sensitivity_analysis_at_six_bits(minilm_onnx, tmp_path):
+    # Nearest rounding and one analysis sample keep this affordable (measured 89 s on a loaded 2-core machine,
+    # 58 s of it the analysis); the default GPTQ analysis on 2 samples is in the module docstring of hybrid.
     output = tmp_path / "minilm-hybrid.onnx"
     assert main(["hybrid", "--model-path", str(minilm_onnx), "--output-path", str(output), "--sensitivity-analysis",
-                 "--target-bits", "6"]) == 0
+                 "--target-bits", "6", "--rounding", "nearest", "--sensitivity-samples", "1", "--json"]) == 0
     summary = json.loads(output.with_suffix(".summary.json").read_text())
     layers = summary["layers"]
-    counts = summary["parameters"]["components"]
-    assert counts == {"attention": 24, "feed-forward": 11, "embedding": 3, "conv": 0, "output": 1, "other": 0}
+    assert summary["parameters"]["components"] == {"attention": 24, "feed-forward": 11, "embedding": 3, "conv": 0,
+                                                   "output": 1, "other": 0}
     assert all(entry["detected_by"] == "graph" for entry in layers.values())
-    assert 5.9 < summary["parameters"]["assigned_bits_per_weight"] <= 6.0
+    assert all(set(entry["sensitivity_sqnr_db"]) == {"int4", "int8", "int16"} for entry in layers.values())
+    # The word embeddings hold 52% of the weights: at 6 bits they must take int4 (per tensor, 18.5 dB).
+    assert layers["encoder.embeddings.word_embeddings.weight"]["precision"] == "int4"
+    assert 5.98 < summary["parameters"]["assigned_bits_per_weight"] <= 6.0
     assert summary["parameters"]["sensitivity"]["exact"]
-    assert summary["min_sqnr_db"] > 20
+    assert summary["min_sqnr_db"] > 12  # measured 13.1 dB (predicted by the additive model: 13.8 dB)
