@@ -1,6 +1,6 @@
 """``pyqshare hybrid``: a precision per layer (fp16, int16, int8, int4), by component or by sensitivity.
 
-Every linear layer and embedding table (a weight of at least ``--min-elements`` elements) gets a precision:
+Every linear layer and embedding table gets a precision:
 
 1. from ``--layer-wise-config`` (JSON ``{layer name or regular expression: precision}``; a key equal to one of
    the layer's names wins over regular expressions, which must match a whole name and are tried in file
@@ -12,8 +12,9 @@ Every linear layer and embedding table (a weight of at least ``--min-elements`` 
 3. else from the Guide's "Recommended Configurations" for the ``--model-type`` (:data:`RECOMMENDED`: text,
    text_generation and multimodal models are transformers, vision models CNNs).
 
-With ``--sensitivity-analysis``, layers that neither the config nor an explicit component flag pins are
-chosen instead: each is quantized alone at each ``--candidate-precisions`` entry and the float model's
+With ``--sensitivity-analysis``, layers that neither the config nor an explicit component flag pins, and
+that are weights by ../shared/CLI.md's definition (``--min-elements``, 64, elements or more; smaller ones keep
+their component's precision and stay out of budgets), are chosen instead: each is quantized alone at each ``--candidate-precisions`` entry and the float model's
 output SQNR measured with onnxruntime on calibration samples; then the precisions that fit
 ``--target-bits`` (average bits per weight over these layers, weighted by element count, pinned layers
 included; default: the recommended configuration's average) with the least predicted loss are chosen by an
@@ -74,7 +75,7 @@ from pathlib import Path
 from pyqshare.errors import InputError
 from pyqshare.evaluate import sqnr_db
 from pyqshare.methods.common import MethodContext, add_common_arguments, run_method
-from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS
+from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS, DEFAULT_ACTIVATION_METHOD
 from pyqshare.model import Weight, find_weights, replace_weight
 from pyqshare.quantize.components import COMPONENTS, LayerComponent, detect_components
 from pyqshare.quantize.mixed_precision import (
@@ -86,7 +87,7 @@ from pyqshare.quantize.mixed_precision import (
     weight_scheme,
 )
 from pyqshare.quantize.pipeline import QuantizedModel, layer_input_grams, quantize_model
-from pyqshare.quantize.scheme import ACTIVATION_BITS, QuantScheme, WeightScheme
+from pyqshare.quantize.scheme import ACTIVATION_BITS, QuantScheme
 
 RECOMMENDED = {
     "transformer": {"attention": "int8", "feed-forward": "int4", "embedding": "int8", "conv": "int8",
@@ -129,7 +130,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_SENSITIVITY_SAMPLES}; module docstring)")
     parser.add_argument("--activation-bits", type=int, choices=ACTIVATION_BITS,
                         help="default by --model-type: 16 for text, text_generation and multimodal, else 8")
-    parser.add_argument("--activation-method", choices=("minmax", "percentile", "mse"), default="minmax")
+    parser.add_argument("--activation-method", choices=("minmax", "percentile", "mse"),
+                        help="activation range calibration (default: minmax at 16 bits, percentile at 8)")
     parser.add_argument("--rounding", choices=("gptq", "nearest"), default="gptq",
                         help="rounding of integer linear-layer weights (gptq: against calibration inputs)")
 
@@ -288,6 +290,7 @@ def _quantize(
     layers: Sequence[Weight],
     entries: Mapping[str, HybridLayer],
     activation_bits: int,
+    activation_method: str,
 ) -> QuantizedModel:
     """Write each layer at its precision (fp16: float16 values, no Q/DQ) and report every layer's entry."""
     args = context.args
@@ -302,9 +305,7 @@ def _quantize(
             float_weights.append(weight.name)
         else:
             overrides[weight.name] = scheme
-    # Linear layers smaller than --min-elements (not given precisions) get int8.
-    default = WeightScheme(bits=8, granularity="per-channel", symmetric=True, search="mse", rounding=args.rounding)
-    scheme = QuantScheme(weights=default, activation_bits=activation_bits, activation_method=args.activation_method)
+    scheme = QuantScheme(activation_bits=activation_bits, activation_method=activation_method)  # every layer overrides
     quantized = quantize_model(context.model, context.calibration, scheme, model_dir=context.model_dir,
                                overrides=overrides, min_elements=args.min_elements, float_weights=float_weights)
     for name, entry in entries.items():
@@ -325,19 +326,21 @@ def run(args: argparse.Namespace) -> dict:
         explicit = {c: getattr(args, dest) for c, dest in COMPONENT_FLAGS.items() if getattr(args, dest)}
         by_component = {**RECOMMENDED[family], **explicit}
         activation_bits = args.activation_bits or DEFAULT_ACTIVATION_BITS[context.model_type]
+        activation_method = args.activation_method or DEFAULT_ACTIVATION_METHOD[activation_bits]
 
         weights = find_weights(context.model, context.model_dir, min_elements=1)
         components = detect_components(context.model, weights)
-        layers = [w for w in weights if w.name in components and w.size >= args.min_elements]
+        layers = [w for w in weights if w.name in components]
+        counted = [w for w in layers if w.size >= args.min_elements]
         infos = {w.name: components[w.name] for w in layers}
         configured = _configured(config, infos, args.layer_wise_config)
         precisions = {w.name: configured.get(w.name, by_component[infos[w.name].component]) for w in layers}
         table: dict[str, dict[str, float]] = {}
         if args.sensitivity_analysis:
             pinned = {n: p for n, p in precisions.items() if n in configured or infos[n].component in explicit}
-            target = args.target_bits if args.target_bits is not None else _bits_per_weight(layers, precisions)
+            target = args.target_bits if args.target_bits is not None else _bits_per_weight(counted, precisions)
             chosen, table, parameters["sensitivity"] = _choose_by_sensitivity(
-                context, layers, pinned, _candidates(args, activation_bits), target)
+                context, counted, pinned, _candidates(args, activation_bits), target)
             precisions.update(chosen)
         wide = sorted(name for name, p in precisions.items() if p == "int16")
         if args.target == "qnn" and activation_bits == 8 and wide:
@@ -350,10 +353,10 @@ def run(args: argparse.Namespace) -> dict:
             model_family=family,
             precisions=by_component,
             activation_bits=activation_bits,
-            activation_method=args.activation_method,
-            assigned_bits_per_weight=round(_bits_per_weight(layers, precisions), 4),
+            activation_method=activation_method,
+            assigned_bits_per_weight=round(_bits_per_weight(counted, precisions), 4),
             components={c: sum(1 for info in infos.values() if info.component == c) for c in COMPONENTS},
         )
-        return _quantize(context, layers, entries, activation_bits)
+        return _quantize(context, layers, entries, activation_bits, activation_method)
 
     return run_method("hybrid", args, quantize, parameters=parameters)
