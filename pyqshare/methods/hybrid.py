@@ -25,18 +25,19 @@ The analysis quantizes with the written model's own quantizer, GPTQ rounding inc
 that the table measures the weights the model will hold; it runs each (layer, precision) pair once per
 sample, on ``--sensitivity-samples`` of the calibration samples (default 2: 256 tokens for a 128-token text
 model). Measured on all-MiniLM-L6-v2 (seq 128, 8 evaluation samples, a 2-core machine shared with other
-jobs, load average 7 to 11, which slows everything about five-fold):
+jobs at load average 5 to 11, which slows everything several-fold and makes times vary):
 
-==============================================  ==========  ============  ===============
-configuration                                   bits/weight  min SQNR dB   analysis s
-==============================================  ==========  ============  ===============
-recommended (attention int8, FFN int4, emb.        7.06         12.1           -
-int8, output fp16)
---sensitivity-analysis (same 7.06 budget)          7.05         18.1          248
-same, choosing from a nearest-rounding table       7.04         13.5           86
---sensitivity-analysis --target-bits 6             5.99         13.4          231
-same, --rounding nearest --sensitivity-samples 1   5.99         13.1           58
-==============================================  ==========  ============  ===============
+=================================================  ===========  ===========  ==========
+configuration                                      bits/weight  min SQNR dB  analysis s
+=================================================  ===========  ===========  ==========
+recommended: attention int8, FFN int4,             7.06         12.1         -
+embeddings int8, output fp16
+--sensitivity-analysis (the same 7.06 budget)      7.05         18.1         109 to 248
+the same, choosing from a nearest-rounding table   7.04         13.5         86
+--sensitivity-analysis --target-bits 6             5.99         13.4         170 to 231
+the same, --rounding nearest                       5.99         13.1         58
+--sensitivity-samples 1
+=================================================  ===========  ===========  ==========
 
 The word embeddings hold 52% of MiniLM's weights and stay per tensor (below), so at 6 bits they must take
 int4 (18.5 dB on their own); GPTQ (two of three candidates for 36 layers) is most of the analysis' time.
