@@ -462,10 +462,8 @@ def test_minilm_sensitivity_analysis_at_six_bits(minilm_onnx, tmp_path):
 
 def test_real_cnn_conv_layers_and_classifier(ppocr_cls_onnx, tmp_path):
     output = tmp_path / "cls-hybrid.onnx"
-    # 16-bit activations: with 8-bit ones this classifier loses its output whatever the weights (1.7 dB, measured
-    # with per-channel int8 too).
     assert main(["hybrid", "--model-path", str(ppocr_cls_onnx), "--output-path", str(output), "--model-type", "vision",
-                 "--input-shape", "x=1,3,48,192", "--activation-bits", "16", "--json"]) == 0
+                 "--input-shape", "x=1,3,48,192", "--json"]) == 0
     summary = json.loads(output.with_suffix(".summary.json").read_text())
     layers = summary["layers"]
     outputs = [name for name, entry in layers.items() if entry["component"] == "output"]
@@ -473,4 +471,6 @@ def test_real_cnn_conv_layers_and_classifier(ppocr_cls_onnx, tmp_path):
     assert all(entry["component"] == "conv" and entry["precision"] == "int8" for name, entry in layers.items()
                if name not in outputs)
     assert any(entry["elements"] < 64 for entry in layers.values())  # tiny SE convolutions are reported too
-    assert summary["min_sqnr_db"] > 30  # measured 33.0 dB
+    assert summary["parameters"]["activation_bits"] == 8
+    # Measured 22.8 dB, as per-channel int8 (the classifier is all conv but its last layer, 400 weights).
+    assert summary["min_sqnr_db"] > 20 and summary["outputs"]["save_infer_model/scale_0.tmp_1"]["top1_agreement"] == 1
