@@ -34,7 +34,7 @@ recommended: attention int8, FFN int4,             7.06         12.1         -
 embeddings int8, output fp16
 --sensitivity-analysis (the same 7.06 budget)      7.05         18.1         109 to 248
 the same, choosing from a nearest-rounding table   7.04         13.5         86
---sensitivity-analysis --target-bits 6             5.99         13.4         170 to 231
+--sensitivity-analysis --target-bits 6             5.99         13.4         122 to 231
 the same, --rounding nearest                       5.99         13.1         58
 --sensitivity-samples 1
 =================================================  ===========  ===========  ==========
