@@ -341,6 +341,7 @@ def cpu_session(
     *,
     extra_outputs: Sequence[str] = (),
     model_dir: str | os.PathLike[str] | None = None,
+    options: ort.SessionOptions | None = None,
 ) -> Iterator[ort.InferenceSession]:
     """An onnxruntime CPU session, optionally exposing main-graph tensors as extra outputs.
 
@@ -358,7 +359,10 @@ def cpu_session(
     model_dir
         Folder that a ModelProto's or bytes' external data locations are relative to; a path's own folder
         is used for a path.
+    options
+        Session options (default :func:`exact_cpu_options`); a ModelProto's external-data folder is added.
     """
+    options = options or exact_cpu_options()
     if isinstance(model, bytes) and extra_outputs:
         model = onnx.load_from_string(model)
     elif not isinstance(model, (bytes, onnx.ModelProto)):
@@ -366,13 +370,12 @@ def cpu_session(
             raise InputError(f"{model}: no such model file")
         if not extra_outputs:
             with _ort_errors_as_input_errors(model):
-                session = ort.InferenceSession(os.fspath(model), exact_cpu_options(), providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(os.fspath(model), options, providers=["CPUExecutionProvider"])
             yield session
             return
         model, model_dir = load_model(model), Path(model).parent
     with contextlib.ExitStack() as stack:
         source = model if isinstance(model, bytes) else _serialized(model, extra_outputs, model_dir, stack)
-        options = exact_cpu_options()
         if model_dir is not None and isinstance(source, bytes):
             options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, os.fspath(Path(model_dir).resolve()))
         with _ort_errors_as_input_errors("model"):

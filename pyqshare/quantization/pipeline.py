@@ -9,12 +9,16 @@ Every float tensor goes through QuantizeLinear/DequantizeLinear, as QNN's HTP re
   per tensor at the activation bit width, as onnxruntime's QNN recipe does: an embedding table's codes are
   what its Gather outputs, so they follow the activations;
 - every float activation gets a per-tensor uint8/uint16 pair from the calibrated range.
+
+Mixed precision changes single weights: ``overrides`` gives a linear layer its own scheme (or an embedding
+table a per-tensor one), ``float_weights`` leaves weights float (QNN's HTP then runs that layer in float:
+measured, see :mod:`pyqshare.methods.hybrid`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -85,6 +89,7 @@ def quantize_model(
     min_elements: int = 64,
     on_weight_quantized: Callable[[Weight, np.ndarray, np.ndarray], None] | None = None,
     fixed_scales: Mapping[str, np.ndarray] | None = None,
+    float_weights: Collection[str] = (),
 ) -> QuantizedModel:
     """Quantize ``model`` in place into QDQ form and return it with per-layer results.
 
@@ -100,7 +105,9 @@ def quantize_model(
     model_dir
         Folder of the model's external data.
     overrides
-        Weight scheme per linear-layer weight name, replacing the default (mixed precision).
+        Weight scheme per weight name, replacing the default (mixed precision). A weight that is not a linear
+        layer's (an embedding table) takes a per-tensor scheme in place of the activation-width quantization
+        of static data.
     min_elements
         Tensors with fewer elements are not counted as weights in the size figures (../shared/CLI.md).
     on_weight_quantized
@@ -110,11 +117,21 @@ def quantize_model(
         Fixed scales for some linear-layer weights (symmetric schemes), shaped for their granularity (0-d per
         tensor, one per channel): no scale search, the codes are the nearest points of that grid. Weight
         clustering uses it to write weights that already lie on a grid exactly.
+    float_weights
+        Names of weights (any role) left as float tensors, without Q/DQ; counted at 16 bits in the size
+        figures, as QNN's HTP stores float weights in fp16 (measured: a float MatMul weight adds 2 bytes per
+        element to the context binary).
     """
     overrides = dict(overrides or {})
     fixed_scales = dict(fixed_scales or {})
-    weights = find_weights(model, model_dir, min_elements=1)
-    linear = [w for w in weights if w.role in LINEAR_ROLES and w.channel_axis is not None]
+    float_weights = set(float_weights)
+    found = find_weights(model, model_dir, min_elements=1)
+    kept_float = [w for w in found if w.name in float_weights]
+    weights = [w for w in found if w.name not in float_weights]
+    linear = [w for w in weights if (w.role in LINEAR_ROLES and w.channel_axis is not None) or w.name in overrides]
+    for weight in linear:
+        if weight.role not in LINEAR_ROLES and overrides[weight.name].granularity != "per-tensor":
+            raise ValueError(f"{weight.name!r} ({weight.role}) takes per-tensor schemes only")
     ranges = collect_activation_ranges(
         model, samples, method=scheme.activation_method, bits=scheme.activation_bits, model_dir=model_dir
     )
@@ -159,6 +176,11 @@ def quantize_model(
         if weight.size >= min_elements:
             result.weight_elements += weight.size
             result.weight_bits += weight.size * bits + 32 + bits
+
+    for weight in kept_float:
+        if weight.size >= min_elements:
+            result.weight_elements += weight.size
+            result.weight_bits += weight.size * 16
 
     producers = {output: node.op_type for node in model.graph.node for output in node.output}
     for name, (low, high) in ranges.items():
@@ -290,6 +312,45 @@ def _quantize_static(model: onnx.ModelProto, weight: Weight, bits: int, elem_typ
     unsigned = np.uint16 if bits == 16 else np.uint8
     codes = kernels.quantize(clipped, np.float32(scale), np.array(zero_point, unsigned), bits)
     quantize_weight_in_place(model, weight, codes, scale, zero_point, elem_type)
+
+
+def layer_input_grams(
+    model: onnx.ModelProto, samples: Sequence[Sample], weights: Sequence[Weight], *, model_dir=None
+) -> dict[str, np.ndarray]:
+    """``X^T X`` of each weight's layer input over ``samples``: what GPTQ and AdaRound rounding need.
+
+    Parameters
+    ----------
+    model
+        The float model.
+    samples
+        Calibration samples (:func:`quantize_model` uses all of its samples).
+    weights
+        Linear-layer weights; those not multiplied with a 2-D-reducible MatMul/Gemm input are left out.
+    model_dir
+        Folder of the model's external data.
+    """
+    layer_inputs = {weight.name: _gram_input(model, weight) for weight in weights}
+    return _input_grams(model, samples, {n: t for n, t in layer_inputs.items() if t is not None}, model_dir)
+
+
+def fake_quantize_linear(weight: Weight, scheme: WeightScheme, gram: np.ndarray | None = None) -> np.ndarray:
+    """The values a weight takes when :func:`quantize_model` quantizes it with ``scheme``, dequantized.
+
+    Parameters
+    ----------
+    weight
+        A linear-layer weight, or any weight with a per-tensor scheme.
+    scheme
+        Bits, granularity, symmetry, scale search and rounding.
+    gram
+        The layer's input Gram matrix (:func:`layer_input_grams`) for GPTQ or AdaRound; without it, or with
+        ``scheme.rounding == "nearest"``, weights round to nearest.
+    """
+    values = np.asarray(weight.array(), dtype=np.float32)
+    gram = gram if scheme.rounding != "nearest" else None
+    codes, scale, zero_point, axis, block_size = _quantize_linear(values, weight, scheme, gram)
+    return kernels.dequantize(codes, scale, zero_point, scheme.bits, axis=axis, block_size=block_size)
 
 
 def _sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
