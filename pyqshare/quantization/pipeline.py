@@ -246,7 +246,11 @@ def _input_grams(
 
 
 def _quantize_linear(
-    values: np.ndarray, weight: Weight, scheme: WeightScheme, gram: np.ndarray | None, fixed_scale: np.ndarray | None
+    values: np.ndarray,
+    weight: Weight,
+    scheme: WeightScheme,
+    gram: np.ndarray | None,
+    fixed_scale: np.ndarray | None = None,
 ):
     """(codes, scale, zero_point, DequantizeLinear axis, block_size) for one linear-layer weight."""
     if scheme.granularity == "per-tensor":
