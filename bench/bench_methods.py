@@ -11,6 +11,7 @@ import pytest
 
 from pyqshare.calibration import default_inputs, run_model
 from pyqshare.evaluate import summarize_outputs
+from pyqshare.methods.peers import onnxruntime_quantize_static
 from pyqshare.model import load_model
 from pyqshare.prepare import prepare_model
 from pyqshare.quantization.pipeline import quantize_model
@@ -34,26 +35,12 @@ def _min_sqnr(source, candidate, samples) -> float:
     return summarize_outputs(run_model(source, samples), run_model(candidate, samples))["min_sqnr_db"]
 
 
-def _ort_quantize_static(path, output, calibration) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    class Reader:
-        def __init__(self) -> None:
-            self.samples = iter(calibration)
-
-        def get_next(self):
-            return next(self.samples, None)
-
-    quantize_static(str(path), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt16, weight_type=QuantType.QInt8)
-
-
 @pytest.fixture(scope="module")
 def ort_sqnr(prepared, tmp_path_factory) -> float:
     """The reference: output SQNR of onnxruntime's quantize_static (per_channel=True, same inputs and widths)."""
     source, path, calibration, evaluation = prepared
     output = tmp_path_factory.mktemp("ort") / "ort.onnx"
-    _ort_quantize_static(path, output, calibration)
+    onnxruntime_quantize_static(path, output, calibration, 16)
     return _min_sqnr(source, output, evaluation)
 
 
@@ -80,7 +67,7 @@ def test_pyqshare_per_channel(benchmark, run_once, prepared, ort_sqnr, tmp_path)
 @pytest.mark.filterwarnings("ignore::UserWarning")  # onnxruntime's quantizer suggests its own pre-processing
 def test_onnxruntime_quantize_static(benchmark, run_once, prepared, ort_sqnr, tmp_path):
     source, path, calibration, evaluation = prepared
-    run_once(_ort_quantize_static, path, tmp_path / "ort.onnx", calibration)
+    run_once(onnxruntime_quantize_static, path, tmp_path / "ort.onnx", calibration, 16)
     sqnr = _min_sqnr(source, tmp_path / "ort.onnx", evaluation)
     benchmark.extra_info.update(impl="onnxruntime", note=f"{sqnr:.1f} dB")
     assert sqnr == pytest.approx(ort_sqnr)  # the timed run reproduces the reference

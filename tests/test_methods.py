@@ -16,6 +16,7 @@ from onnx import TensorProto, numpy_helper
 from pyqshare.calibration import default_inputs, run_model
 from pyqshare.encodings import read_encodings
 from pyqshare.evaluate import evaluate, summarize_outputs
+from pyqshare.methods.peers import onnxruntime_quantize_static
 from pyqshare.model import load_model
 from pyqshare.zoo import synthetic_cnn as conv_model
 from pyqshare.zoo import synthetic_mlp as mlp_model
@@ -149,21 +150,6 @@ def test_a_missing_model_exits_2(tmp_path):
 # ---------------------------------------------------------------------------------------------- real models
 
 
-def _ort_quantize_static(prepared: Path, output: Path, samples, activation_bits: int) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    class Reader:
-        def __init__(self) -> None:
-            self.samples = iter(samples)
-
-        def get_next(self):
-            return next(self.samples, None)
-
-    quantize_static(str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt16 if activation_bits == 16 else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-
-
 @pytest.fixture(scope="module")
 def minilm_per_channel(minilm_onnx, tmp_path_factory):
     folder = tmp_path_factory.mktemp("minilm")
@@ -184,7 +170,7 @@ def test_minilm_per_channel_beats_onnxruntime_quantize_static(minilm_onnx, minil
     _, summary = minilm_per_channel
     prepare_model(minilm_onnx, tmp_path / "prepared.onnx", placement="none")
     prepared = load_model(tmp_path / "prepared.onnx")
-    _ort_quantize_static(tmp_path / "prepared.onnx", tmp_path / "ort.onnx",
+    onnxruntime_quantize_static(tmp_path / "prepared.onnx", tmp_path / "ort.onnx",
                          default_inputs(prepared, purpose="calibration"), 16)
     evaluation = default_inputs(load_model(minilm_onnx), purpose="evaluation")
     ort = summarize_outputs(run_model(minilm_onnx, evaluation), run_model(tmp_path / "ort.onnx", evaluation))
@@ -213,7 +199,7 @@ def test_real_cnn_per_channel_beats_onnxruntime_and_runs_on_the_htp(ppocr_cls_on
     assert summary["model_type"] == "vision" and summary["parameters"]["activation_bits"] == 8
     prepare_model(ppocr_cls_onnx, tmp_path / "prepared.onnx", shape, placement="none")
     prepared = load_model(tmp_path / "prepared.onnx")
-    _ort_quantize_static(tmp_path / "prepared.onnx", tmp_path / "ort.onnx",
+    onnxruntime_quantize_static(tmp_path / "prepared.onnx", tmp_path / "ort.onnx",
                          default_inputs(prepared, purpose="calibration"), 8)
     evaluation = default_inputs(prepared, purpose="evaluation")
     ort = summarize_outputs(run_model(ppocr_cls_onnx, evaluation), run_model(tmp_path / "ort.onnx", evaluation))
