@@ -484,8 +484,8 @@ def prune_model(
     for weight in candidates:
         target = layer_target(layer_names(weight), config, matched)
         if target > 0:
-            _check_pattern_fits(weight, config)
             plan.append((weight, target))
+    _check_pattern_fits([weight for weight, _ in plan], config)
     unmatched = [key for key, _ in config.layer_sparsity if key not in matched]
 
     # Gram matrices serve the re-fit, the importance scores and the summary's output SQNRs.
@@ -497,7 +497,8 @@ def prune_model(
     layers: dict[str, PrunedLayer] = {}
     for weight, target in plan:
         gram = grams.get(weight.name)
-        factor = _importance_factor(model, weight, gram, conv_norms) if config.criterion == "weight_importance" else None
+        importance = config.criterion == "weight_importance"
+        factor = _importance_factor(model, weight, gram, conv_norms) if importance else None
         original = np.array(weight.array(), dtype=np.float64)
         current, keep, steps = _prune_layer(original, weight, target, config, factor, gram)
         replace_weight(model, weight, current)
@@ -516,15 +517,17 @@ def _io_view(array: np.ndarray, weight: Weight) -> np.ndarray:
     return array.T if weight.channel_axis == 0 else array
 
 
-def _check_pattern_fits(weight: Weight, config: PruningConfig) -> None:
+def _check_pattern_fits(weights: Sequence[Weight], config: PruningConfig) -> None:
+    """Refuse, naming them, the layers whose reduction axis the pattern's group size does not divide."""
     if config.pattern is None:
         return
     n, m = config.pattern
-    length = weight.shape[weight.reduction_axis]
-    if length % m:
-        raise InputError(f"--structured-pattern {n}:{m}: layer {weight.name} has {length} input features along "
-                         f"its reduction axis, not a multiple of {m} (give it sparsity 0 in "
-                         "--layer-wise-sparsity to leave it dense)")
+    misfits = [f"{w.name} ({w.shape[w.reduction_axis]})" for w in weights if w.shape[w.reduction_axis] % m]
+    if misfits:
+        listed = ", ".join(misfits[:3]) + (f" and {len(misfits) - 3} more" if len(misfits) > 3 else "")
+        raise InputError(f"--structured-pattern {n}:{m}: the input features along the reduction axis of "
+                         f"{listed} are not a multiple of {m} (give such layers sparsity 0 in "
+                         "--layer-wise-sparsity to leave them dense)")
 
 
 def _prune_layer(original, weight: Weight, target: float, config: PruningConfig, factor, gram):
