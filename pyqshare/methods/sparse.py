@@ -209,7 +209,15 @@ class PrunedLayer:
 
 
 def check_sparsity(value: object, what: str) -> float:
-    """``value`` as a float in [0, 1), or an InputError naming ``what``."""
+    """``value`` as a float in [0, 1), or an InputError naming ``what``.
+
+    Parameters
+    ----------
+    value
+        A flag value or a ``--layer-wise-sparsity`` entry (bools and strings are refused).
+    what
+        The flag or file entry the error message names.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise InputError(f"{what}: sparsity must be a number in [0, 1), not {value!r}")
     return float(value)
@@ -320,8 +328,17 @@ def layer_names(weight: Weight) -> list[str]:
 
 
 def layer_target(names: Sequence[str], config: PruningConfig, matched: set[str]) -> float:
-    """The sparsity of the layer called ``names``: an exact key, else the first matching regex, else
-    ``config.sparsity``; the key used is added to ``matched``."""
+    """The sparsity of one layer: an exact key, else the first key matching as a regex, else ``config.sparsity``.
+
+    Parameters
+    ----------
+    names
+        The layer's names (:func:`layer_names`).
+    config
+        Holds ``layer_sparsity`` and the default ``sparsity``.
+    matched
+        The key used, if any, is added to it.
+    """
     for key, value in config.layer_sparsity:
         if key in names:
             matched.add(key)
