@@ -67,12 +67,12 @@ Re-fit (on unless ``--no-refit``)
     calibration pass serves every layer and step). Conv and RNN weights are pruned but not re-fit.
 
 Quantization
-    The pruned, re-fit weights then go through :func:`pyqshare.quantize.pipeline.quantize_model` with
+    The pruned, re-fit weights then go through :func:`pyqshare.quantization.pipeline.quantize_model` with
     per-channel symmetric weights (``--weight-bits``, default 8; scales from ``scale_search``'s squared-error
     optimum) and *nearest* rounding: symmetric codes keep every pruned weight exactly 0 (code 0). GPTQ is not
     used: it would spread rounding error onto the pruned weights. Activations are calibrated per tensor as
     ``per-channel`` does (``--activation-bits``, default 16 for text, text_generation and multimodal, else
-    8). ``--weight-bits 16`` is the near-float option: the model stays QDQ (so it runs on the QNN HTP) with
+    8; min-max ranges at 16 bits, percentile at 8). ``--weight-bits 16`` is the near-float option: the model stays QDQ (so it runs on the QNN HTP) with
     int16 weights.
 
 Summary
@@ -109,10 +109,17 @@ from pyqshare.calibration import cpu_session, run_session
 from pyqshare.errors import InputError
 from pyqshare.kernels.sparsity import MAX_M
 from pyqshare.methods.common import MethodContext, add_common_arguments, run_method
-from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS
+from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS, DEFAULT_ACTIVATION_METHOD
 from pyqshare.model import Weight, find_weights, iter_graphs, replace_weight
-from pyqshare.quantize.pipeline import QuantizedModel, _consumer_node, _input_grams, _layer_input, quantize_model
-from pyqshare.quantize.scheme import ACTIVATION_BITS, LINEAR_ROLES, WEIGHT_BITS, QuantScheme, WeightScheme
+from pyqshare.quantization.pipeline import (
+    QuantizedModel,
+    _consumer_node,
+    _gram_input,
+    _input_grams,
+    _layer_input,
+    quantize_model,
+)
+from pyqshare.quantization.scheme import ACTIVATION_BITS, LINEAR_ROLES, WEIGHT_BITS, QuantScheme, WeightScheme
 
 PRUNING_METHODS = ("magnitude", "structured", "weight_importance")
 SCHEDULES = ("linear", "cubic", "exponential")
@@ -506,7 +513,7 @@ def prune_model(
     unmatched = [key for key, _ in config.layer_sparsity if key not in matched]
 
     # Gram matrices serve the re-fit, the importance scores and the summary's output SQNRs.
-    layer_inputs = {w.name: tensor for w, _ in plan if (tensor := _layer_input(model, w))}
+    layer_inputs = {w.name: tensor for w, _ in plan if (tensor := _gram_input(model, w))}
     grams = _input_grams(model, samples, layer_inputs, model_dir)
     conv_norms = _conv_input_norms(model, samples, [w for w, _ in plan], model_dir) \
         if config.criterion == "weight_importance" else {}
@@ -596,10 +603,10 @@ def _importance_factor(model, weight: Weight, gram, conv_norms) -> np.ndarray | 
     if gram is not None:
         norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
         return norms[:, None] if weight.reduction_axis == 0 else norms[None, :]
-    node = _consumer_node(model, weight)
-    if node is None or node.op_type not in ("Conv", "ConvTranspose") or node.input[0] not in conv_norms:
+    node, tensor = _consumer_node(model, weight), _layer_input(model, weight)
+    if node is None or node.op_type not in ("Conv", "ConvTranspose") or tensor not in conv_norms:
         return None
-    norms = conv_norms[node.input[0]]
+    norms = conv_norms[tensor]
     kernel_axes = (1,) * (len(weight.shape) - 2)
     if node.op_type == "ConvTranspose":  # [I, O/g, k...]: the reduction axis is the input channel itself
         return norms.reshape(-1, 1, *kernel_axes)
@@ -611,8 +618,8 @@ def _importance_factor(model, weight: Weight, gram, conv_norms) -> np.ndarray | 
 
 def _conv_input_norms(model, samples, weights: Sequence[Weight], model_dir) -> dict[str, np.ndarray]:
     """Per-channel L2 norm (axis 1) of every Conv/ConvTranspose input over the calibration samples."""
-    tensors = sorted({node.input[0] for w in weights if (node := _consumer_node(model, w)) is not None
-                      and node.op_type in ("Conv", "ConvTranspose")})
+    convolutions = [w for w in weights if w.role == "conv"]
+    tensors = sorted({tensor for w in convolutions if (tensor := _layer_input(model, w)) is not None})
     if not tensors:
         return {}
     sums: dict[str, np.ndarray] = {}
@@ -814,12 +821,14 @@ def run(args: argparse.Namespace) -> dict:
         activation_bits = args.activation_bits or DEFAULT_ACTIVATION_BITS[context.model_type]
         weights = WeightScheme(bits=args.weight_bits, granularity="per-channel", symmetric=True, search="mse",
                                rounding="nearest")
-        scheme = QuantScheme(weights=weights, activation_bits=activation_bits, activation_method="minmax")
+        scheme = QuantScheme(weights=weights, activation_bits=activation_bits,
+                             activation_method=DEFAULT_ACTIVATION_METHOD[activation_bits])
         parameters.update(
             sparsity=config.sparsity, pruning_method=args.pruning_method, structured_pattern=config.pattern_text,
             criterion=config.criterion, mask_scope=config.scope, pruning_schedule=config.schedule,
             steps=config.steps, targets=schedule_targets(config.sparsity, config.schedule, config.steps),
             refit=config.refit, weight_bits=args.weight_bits, activation_bits=activation_bits,
+            activation_method=scheme.activation_method,
         )
         quantized = sparse_quantize(context.model, context.calibration, config, scheme,
                                     model_dir=context.model_dir, min_elements=args.min_elements)
