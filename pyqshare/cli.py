@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "int4": ("pyqshare.methods.baselines:run_int4", "baseline: per-tensor int4 weights, 8-bit activations"),
     "per-channel": ("pyqshare.methods.per_channel", "per-channel/per-block weights via scale_search, calibrated activations"),
     "cluster": ("pyqshare.methods.cluster", "k-means weight clustering with cluster-aware refinement, written as QDQ"),
+    "sparse": ("pyqshare.methods.sparse", "pruning (unstructured or n:m) with least-squares re-fit, then quantization"),
     "hybrid": ("pyqshare.methods.hybrid", "per-layer mixed precision (fp16/int16/int8/int4) by component or sensitivity"),
     "learned": ("pyqshare.methods.learned", "BatchNorm folding, bias correction, AdaRound learned rounding (no training framework)"),
     "prepare": ("pyqshare.prepare", "fix shapes, fold shape computations, report QNN HTP placement"),

@@ -137,6 +137,7 @@ def run_method(
         "evaluation": evaluation_source,
         "quantize_seconds": round(quantize_seconds, 3),
         **fidelity,
+        **quantized.report,
         "layers": {name: layer.to_dict() for name, layer in quantized.layers.items()},
     }
     atomic_write_text(sidecar(output, ".summary.json"), json.dumps(_json_safe(summary), indent=1) + "\n")

@@ -60,10 +60,11 @@ class LayerResult:
     elements: int
     weight_sqnr_db: float
     packed_bits: int  # codes plus scales and zero points
+    details: dict[str, object] = field(default_factory=dict)  # a method's own figures for the summary
 
     def to_dict(self) -> dict:
         return {"bits": self.scheme.bits, "granularity": self.scheme.granularity,
-                "weight_sqnr_db": round(self.weight_sqnr_db, 3), "elements": self.elements}
+                "weight_sqnr_db": round(self.weight_sqnr_db, 3), "elements": self.elements, **self.details}
 
 
 @dataclass
@@ -73,6 +74,7 @@ class QuantizedModel:
     packed_bytes: int = 0  # every initializer of the written model at its packed width
     weight_elements: int = 0  # elements of weights (>= min_elements) that were quantized
     weight_bits: int = 0  # their packed bits, scales included
+    report: dict[str, object] = field(default_factory=dict)  # a method's own top-level summary keys
 
     @property
     def bits_per_weight(self) -> float:
