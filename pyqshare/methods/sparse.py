@@ -102,9 +102,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from threadpoolctl import threadpool_limits
 
 from pyqshare import kernels
+from pyqshare._blas import single_threaded_blas
 from pyqshare.calibration import cpu_session, run_session
 from pyqshare.errors import InputError
 from pyqshare.kernels.sparsity import MAX_M
@@ -441,7 +441,7 @@ def _restricted_solves(matrix: np.ndarray, members: np.ndarray, rhs: np.ndarray)
         for row, (column, rows) in enumerate(zip(batch, chosen)):
             result[rows, column] = solved[row, : rows.size]
 
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(kernels.get_num_threads()) as pool:
+    with single_threaded_blas(), ThreadPoolExecutor(kernels.get_num_threads()) as pool:
         list(pool.map(solve, batches))
     return result
 

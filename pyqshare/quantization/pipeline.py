@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from pyqshare import kernels
+from pyqshare._blas import single_threaded_blas
 from pyqshare.calibration import collect_activation_ranges, cpu_session, run_session
 from pyqshare.model import Weight, find_weights
 from pyqshare.model.qdq import insert_activation_qdq, quantize_bias_in_place, quantize_weight_in_place
@@ -277,13 +278,14 @@ def _quantize_linear(
         view = values.T if transposed else values
         columns = view.shape[1]
         rounding = gptq_round if scheme.rounding == "gptq" else partial(adaround, iterations=scheme.iterations)
-        codes = rounding(
-            view,
-            np.broadcast_to(scale, (columns,)),
-            np.broadcast_to(zero_point.astype(np.float64), (columns,)),
-            *scheme.code_range,
-            gram,
-        )
+        with single_threaded_blas():  # many small row updates: BLAS threads only spin
+            codes = rounding(
+                view,
+                np.broadcast_to(scale, (columns,)),
+                np.broadcast_to(zero_point.astype(np.float64), (columns,)),
+                *scheme.code_range,
+                gram,
+            )
         codes = np.ascontiguousarray(codes.T if transposed else codes, dtype=zero_point.dtype)
     else:
         codes = kernels.quantize(values, scale, zero_point, scheme.bits, axis=axis, block_size=block_size)
