@@ -56,10 +56,12 @@ def test_optimal_matches_textbook_dp(n, k, decimals, weighted, seed):
     if weighted:
         w = rng.random(n)
         w[rng.random(n) < 0.2] = 0.0
-    ref_centroids, ref_inertia = _core.kmeans1d_reference(x, w, k)
+    _, ref_inertia = _core.kmeans1d_reference(x, w, k)
     centroids, labels, inertia = kmeans1d(x, k, method="optimal", sample_weight=w)
     assert inertia == pytest.approx(ref_inertia, rel=1e-9, abs=1e-12)
-    np.testing.assert_allclose(centroids, ref_centroids, rtol=1e-12, atol=1e-12)
+    # Optimal, not necessarily the same partition: with duplicated values two partitions can tie (hypothesis
+    # found n=15, k=7, one decimal). check_consistent shows the centroids are the means of the labelled
+    # groups and the inertia theirs, so the equal inertia above is the proof of optimality.
     check_consistent(x, w, centroids, labels, inertia)
 
 
