@@ -85,7 +85,7 @@ class _PeerProcess:
 
     def __init__(self, peer, path, k, rows):
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, peer, str(path), str(k), str(rows)],
+            [sys.executable, "-P", "-c", _CHILD, peer, str(path), str(k), str(rows)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

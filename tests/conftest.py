@@ -65,7 +65,7 @@ def run_cli():
     its CompletedProcess with text stdout and stderr."""
 
     def run(command: str, *args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pyqshare", command, *map(str, args)], cwd=cwd,
+        return subprocess.run([sys.executable, "-P", "-m", "pyqshare", command, *map(str, args)], cwd=cwd,
                               capture_output=True, text=True, timeout=600, check=False)
 
     return run

@@ -28,7 +28,7 @@ SHAPES = {mlp_model: "x=1,16,32", cnn_model: "x=1,3,16,16"}
 
 
 def cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyqshare", *map(str, args)], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-P", "-m", "pyqshare", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 

@@ -305,7 +305,7 @@ def test_bias_correction_reduces_the_quantized_models_mean_output_error(bits):
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyqshare", "learned", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-P", "-m", "pyqshare", "learned", *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
 
 

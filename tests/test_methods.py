@@ -25,7 +25,7 @@ QDQ = {"QuantizeLinear", "DequantizeLinear"}
 
 
 def cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyqshare", *map(str, args)], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-P", "-m", "pyqshare", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 

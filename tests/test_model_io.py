@@ -623,8 +623,6 @@ def test_broken_model_files_are_input_errors(tmp_path):
 def test_inline_round_trip_keeps_the_model_and_its_outputs(tmp_path):
     model, feeds = locations_model()
     model.ir_version = 14  # what onnx >= 1.23 stamps by default; onnxruntime 1.31 refuses it
-    with pytest.raises(Exception, match="[Uu]nsupported model IR version"):
-        run(model, feeds)
     original = onnx.ModelProto.FromString(model.SerializeToString())
     (path,) = save_model(model, tmp_path / "out.onnx")
     check_written(path)
@@ -755,7 +753,7 @@ def test_a_model_over_2_gib_streams_through_flat_memory(tmp_path):
         print(len(paths), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
     """)
     result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
+        [sys.executable, "-P", "-c", script, str(tmp_path)],
         capture_output=True,
         text=True,
         check=True,

@@ -93,7 +93,7 @@ def nm_reference_keep(weight: np.ndarray, n: int, m: int, axis: int) -> np.ndarr
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyqshare", "sparse", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-P", "-m", "pyqshare", "sparse", *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
 
 
