@@ -383,7 +383,7 @@ def test_default_budget_is_the_recommended_configurations(block_path, tmp_path):
     (["--layer-wise-config", "{bad json"], "not valid JSON"),
     (["--layer-wise-config", '{"wq": "int3"}'], "unknown precision 'int3'"),
     (["--layer-wise-config", '{"nothing.*": "int8"}'], "match no layer"),
-    (["--layer-wise-config", '["wq"]'], "expected an object"),
+    (["--layer-wise-config", '["wq"]'], "must be a JSON object"),
     (["--activation-bits", "8", "--attention-precision", "int16"], "need 16-bit activations"),
     (["--sensitivity-analysis", "--candidate-precisions", "int8,float8"], "unknown precision 'float8'"),
 ])

@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from pyqshare.quantization.pipeline import QuantizedModel
 MODEL_TYPES = ("text", "text_generation", "vision", "audio", "multimodal")
 TARGETS = ("qnn", "cpu")
 ENCODINGS_VERSIONS = ("1.0.0", "0.6.1")
+T = TypeVar("T")
 
 
 @dataclass
@@ -168,3 +172,46 @@ def _json_safe(value):
 
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def load_layer_map(path: str | os.PathLike[str], flag: str, convert: Callable[[object, str], T]) -> list[tuple[str, T]]:
+    """A layer-wise JSON file (../shared/CLI.md: layer name or regular expression -> value), in file order.
+
+    Parameters
+    ----------
+    path
+        The JSON file.
+    flag
+        The flag that named it, for messages (``--layer-wise-sparsity``).
+    convert
+        ``convert(value, where)`` checks one value and returns it converted; raises InputError naming ``where``.
+
+    Raises
+    ------
+    InputError
+        Unreadable file, malformed JSON, not an object, duplicate keys, an invalid regular expression, or a
+        value ``convert`` refuses; the message names the flag and the file.
+    """
+
+    def unique_keys(items: list[tuple[str, object]]) -> dict[str, object]:
+        keys = [key for key, _ in items]
+        if len(set(keys)) != len(keys):
+            raise InputError(f"{flag} {path}: duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+        return dict(items)  # keeps file order
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+    except OSError as error:
+        raise InputError(f"{flag} {path}: cannot read it ({error.strerror or error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{flag} {path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{flag} {path}: must be a JSON object mapping layer names or regular expressions to values")
+    entries = []
+    for key, value in data.items():
+        try:
+            re.compile(key)
+        except re.error as error:
+            raise InputError(f"{flag} {path}: key {key!r} is not a valid regular expression ({error})") from None
+        entries.append((key, convert(value, f"{flag} {path}: key {key!r}")))
+    return entries

@@ -63,7 +63,6 @@ What QNN's HTP does with each precision (onnxruntime-qnn 2.7.0 simulator, measur
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -71,11 +70,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 from pyqshare.errors import InputError
 from pyqshare.evaluate import sqnr_db
-from pyqshare.methods.common import MethodContext, add_common_arguments, run_method
+from pyqshare.methods.common import MethodContext, add_common_arguments, load_layer_map, run_method
 from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS, DEFAULT_ACTIVATION_METHOD
 from pyqshare.model import Weight, find_weights, replace_weight
 from pyqshare.quantization.components import COMPONENTS, LayerComponent, detect_components
@@ -173,23 +171,7 @@ def load_layer_config(path: str | None) -> list[tuple[str, str]]:
     """
     if path is None:
         return []
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as error:
-        raise InputError(f"--layer-wise-config {path}: cannot read it ({error.strerror or error})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"--layer-wise-config {path}: not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"--layer-wise-config {path}: expected an object {{layer name or regex: precision}}")
-    pairs = []
-    for key, value in config.items():
-        try:
-            re.compile(key)
-        except re.error as error:
-            raise InputError(f"--layer-wise-config {path}: key {key!r} is not a valid regular expression "
-                             f"({error})") from None
-        pairs.append((key, _precision(value, f"--layer-wise-config {path}: key {key!r}")))
-    return pairs
+    return load_layer_map(path, "--layer-wise-config", _precision)
 
 
 def _configured(

@@ -90,7 +90,6 @@ Summary
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -108,7 +107,7 @@ from pyqshare._blas import single_threaded_blas
 from pyqshare.calibration import cpu_session, run_session
 from pyqshare.errors import InputError
 from pyqshare.kernels.sparsity import MAX_M
-from pyqshare.methods.common import MethodContext, add_common_arguments, run_method
+from pyqshare.methods.common import MethodContext, add_common_arguments, load_layer_map, run_method
 from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS, DEFAULT_ACTIVATION_METHOD
 from pyqshare.model import Weight, find_weights, iter_graphs, replace_weight
 from pyqshare.quantization.pipeline import (
@@ -288,33 +287,7 @@ def load_layer_sparsity(path: str | Path) -> tuple[tuple[str, float], ...]:
         Unreadable file, malformed JSON, not an object, duplicate keys, an invalid regular expression, or a
         value that is not a number in [0, 1); the message names the file.
     """
-    path = Path(path)
-
-    def unique_keys(items: list[tuple[str, object]]) -> dict[str, object]:
-        keys = [key for key, _ in items]
-        if len(set(keys)) != len(keys):
-            raise InputError(f"--layer-wise-sparsity {path}: duplicate key "
-                             f"{next(k for k in keys if keys.count(k) > 1)!r}")
-        return dict(items)  # keeps file order
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
-    except OSError as error:
-        raise InputError(f"--layer-wise-sparsity {path}: cannot read it ({error.strerror or error})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"--layer-wise-sparsity {path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"--layer-wise-sparsity {path}: must be a JSON object mapping layer names or regular "
-                         "expressions to sparsities")
-    entries = []
-    for key, value in data.items():
-        try:
-            re.compile(key)
-        except re.error as error:
-            raise InputError(f"--layer-wise-sparsity {path}: key {key!r} is not a valid regular expression "
-                             f"({error})") from None
-        entries.append((key, check_sparsity(value, f"--layer-wise-sparsity {path}: key {key!r}")))
-    return tuple(entries)
+    return tuple(load_layer_map(path, "--layer-wise-sparsity", check_sparsity))
 
 
 def layer_names(weight: Weight) -> list[str]:
