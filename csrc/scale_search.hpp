@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -164,12 +165,26 @@ inline EvalResult eval_scalar(const GroupData& g, const Candidate& c, double p, 
 }
 
 #ifdef PYQSHARE_QUANT_X86
-// The SIMD kernels replace x / scale by f32(f64(x) * f64(1 / scale)): for float32 x and scale this is
-// the correctly rounded float32 quotient (the exact quotient is never within 2^-49 relative of a float32
-// rounding boundary, and the float64 product is within 2^-52 of it), and it is several times cheaper
-// than a float32 division. Lambdas are avoided: they do not inherit the target attribute.
+// The SIMD kernels compute x / scale in one of two ways, both giving the reference's code and difference:
+// - exact path: f32(f64(x) * f64(1 / scale)) is the correctly rounded float32 quotient (the exact quotient
+//   is never within 2^-49 relative of a float32 rounding boundary, and the float64 product is within
+//   2^-52 of it), several times cheaper than a float32 division;
+// - fast path (FastCandidate): t = x * f32(1 / scale) in float32 is within 1.5 * 2^-23 |x / scale| of the
+//   correctly rounded quotient, so its clamped, rounded code is the reference's unless t lies within
+//   2^-21 (hmax + 1) of a half-integer (hmax = max(|lo|, |hi|)); then |t - code| <= limit < 1/2 also
+//   makes x and code * scale differ by at most a factor of two (or the product is zero), so the float32
+//   difference x - code * scale is exact (Sterbenz). Elements failing |t - code| <= limit (near a half,
+//   clipped far beyond the range, or a subnormal 1 / scale) take the exact path.
+// Lambdas are avoided: they do not inherit the target attribute.
 #define PYQSHARE_AVX2 __attribute__((target("avx2,fma")))
 #define PYQSHARE_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
+
+// Threshold of the fast path: |t - code| above it sends an element to the exact path.
+inline float fast_path_limit(const Candidate& c) {
+  const float inv = 1.0f / c.scale;
+  if (!(inv >= FLT_MIN)) return -1.0f;  // subnormal reciprocal: its relative error is unbounded
+  return 0.5f - 0x1p-21f * (std::max(std::fabs(c.lo), std::fabs(c.hi)) + 1.0f);
+}
 
 PYQSHARE_AVX2 inline double lanes_sum_avx2(const __m256d* acc) {
   alignas(32) double lane[kLanes];
@@ -177,46 +192,88 @@ PYQSHARE_AVX2 inline double lanes_sum_avx2(const __m256d* acc) {
   return reduce_lanes(lane);
 }
 
-// x / scale clamped and rounded, for four elements given as float64.
+// x / scale clamped and rounded, for four elements given as float64 (the exact path).
 PYQSHARE_AVX2 inline __m128 offset_code_avx2(__m256d xv, __m256d inv, __m128 lo, __m128 hi) {
   const __m128 t = _mm_min_ps(_mm_max_ps(_mm256_cvtpd_ps(_mm256_mul_pd(xv, inv)), lo), hi);
   return _mm_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-// Four elements into one lane vector; with kSums also into the refinement lane sums.
+struct FastCandidateAvx2 {
+  __m256 inv, scale, lo, hi, limit;
+  __m256d inv_exact;
+};
+
+PYQSHARE_AVX2 inline FastCandidateAvx2 fast_candidate_avx2(const Candidate& c) {
+  return {_mm256_set1_ps(1.0f / c.scale), _mm256_set1_ps(c.scale), _mm256_set1_ps(c.lo), _mm256_set1_ps(c.hi),
+          _mm256_set1_ps(fast_path_limit(c)), _mm256_set1_pd(1.0 / static_cast<double>(c.scale))};
+}
+
+// Differences (as float64, elements 0-3 and 4-7) and offset codes of eight elements.
+PYQSHARE_AVX2 inline void diff8_avx2(__m256 x, const FastCandidateAvx2& f, __m256d& d0, __m256d& d1, __m256& q) {
+  const __m256 t = _mm256_mul_ps(x, f.inv);
+  q = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(t, f.lo), f.hi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 off = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(t, q));
+  if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(off, f.limit, _CMP_NLE_UQ)) == 0, 1)) {
+    __m256 deq = _mm256_mul_ps(q, f.scale);
+    asm("" : "+x"(deq));  // a rounded product: the compiler must not fuse it into the subtraction
+    const __m256 d = _mm256_sub_ps(x, deq);
+    d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(d));
+    d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+    return;
+  }
+  const __m128 lo = _mm256_castps256_ps128(f.lo), hi = _mm256_castps256_ps128(f.hi);
+  const __m128 scale = _mm256_castps256_ps128(f.scale);
+  const __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(x)), x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+  const __m128 q0 = offset_code_avx2(x0, f.inv_exact, lo, hi), q1 = offset_code_avx2(x1, f.inv_exact, lo, hi);
+  d0 = _mm256_sub_pd(x0, _mm256_cvtps_pd(_mm_mul_ps(q0, scale)));
+  d1 = _mm256_sub_pd(x1, _mm256_cvtps_pd(_mm_mul_ps(q1, scale)));
+  q = _mm256_insertf128_ps(_mm256_castps128_ps256(q0), q1, 1);
+}
+
+// Four elements (d, codes q, x as float32 lanes of a float64 conversion) into one lane vector; with kSums
+// also into the refinement lane sums.
 template <bool kSums>
-PYQSHARE_AVX2 inline __m256d mse_step_avx2(const float* x, const double* w, __m256d inv, __m128 scale,
-                                           __m128 lo, __m128 hi, __m256d acc, __m256d& num, __m256d& den) {
-  const __m256d xv = _mm256_cvtps_pd(_mm_loadu_ps(x));
-  const __m128 q = offset_code_avx2(xv, inv, lo, hi);
-  const __m256d d = _mm256_sub_pd(xv, _mm256_cvtps_pd(_mm_mul_ps(q, scale)));
+PYQSHARE_AVX2 inline __m256d mse_lanes_avx2(__m256d d, __m128 q, __m128 x, const double* w, __m256d acc, __m256d& num,
+                                            __m256d& den) {
+  const __m256d wv = w ? _mm256_loadu_pd(w) : _mm256_setzero_pd();
   if (kSums) {
     const __m256d qd = _mm256_cvtps_pd(q);
-    const __m256d wq = w ? _mm256_mul_pd(_mm256_loadu_pd(w), qd) : qd;
-    num = _mm256_fmadd_pd(wq, xv, num);
+    const __m256d wq = w ? _mm256_mul_pd(wv, qd) : qd;
+    num = _mm256_fmadd_pd(wq, _mm256_cvtps_pd(x), num);
     den = _mm256_fmadd_pd(wq, qd, den);
   }
-  return _mm256_fmadd_pd(w ? _mm256_mul_pd(_mm256_loadu_pd(w), d) : d, d, acc);
+  return _mm256_fmadd_pd(w ? _mm256_mul_pd(wv, d) : d, d, acc);
+}
+
+// Sixteen elements into the four lane vectors.
+template <bool kSums>
+PYQSHARE_AVX2 inline void mse_step16_avx2(const float* x, const double* w, const FastCandidateAvx2& f, __m256d* acc,
+                                          __m256d* num, __m256d* den) {
+  for (int h = 0; h < 2; ++h) {
+    const __m256 xv = _mm256_loadu_ps(x + 8 * h);
+    __m256d d0, d1;
+    __m256 q;
+    diff8_avx2(xv, f, d0, d1, q);
+    const double* wh = w ? w + 8 * h : nullptr;
+    acc[2 * h] = mse_lanes_avx2<kSums>(d0, _mm256_castps256_ps128(q), _mm256_castps256_ps128(xv), wh, acc[2 * h],
+                                       num[2 * h], den[2 * h]);
+    acc[2 * h + 1] = mse_lanes_avx2<kSums>(d1, _mm256_extractf128_ps(q, 1), _mm256_extractf128_ps(xv, 1),
+                                           wh ? wh + 4 : nullptr, acc[2 * h + 1], num[2 * h + 1], den[2 * h + 1]);
+  }
 }
 
 // With kSums, a complete evaluation also leaves the candidate's refinement sums (see eval_mse_avx512).
 template <bool kSums>
 PYQSHARE_AVX2 inline EvalResult eval_mse_avx2(const GroupData& g, const Candidate& c, double bound, bool ties_lose,
                                               RefineSums* sums) {
-  const __m256d inv = _mm256_set1_pd(1.0 / static_cast<double>(c.scale));
-  const __m128 scale = _mm_set1_ps(c.scale), lo = _mm_set1_ps(c.lo), hi = _mm_set1_ps(c.hi);
+  const FastCandidateAvx2 f = fast_candidate_avx2(c);
   __m256d acc[4], num[4], den[4];
   for (int j = 0; j < 4; ++j) acc[j] = num[j] = den[j] = _mm256_setzero_pd();
   const std::size_t n16 = g.n - g.n % kLanes;
   std::size_t k = 0;
   while (k < n16) {
     const std::size_t stop = std::min(n16, k + kCheckEvery);
-    for (; k < stop; k += kLanes) {
-      for (int j = 0; j < 4; ++j) {
-        acc[j] = mse_step_avx2<kSums>(g.x + k + 4 * j, g.w ? g.w + k + 4 * j : nullptr, inv, scale, lo, hi, acc[j],
-                                      num[j], den[j]);
-      }
-    }
+    for (; k < stop; k += kLanes) mse_step16_avx2<kSums>(g.x + k, g.w ? g.w + k : nullptr, f, acc, num, den);
     if (k < g.n) {
       const double partial = lanes_sum_avx2(acc);
       if (loses(partial, bound, ties_lose)) return {partial, false};
@@ -230,9 +287,7 @@ PYQSHARE_AVX2 inline EvalResult eval_mse_avx2(const GroupData& g, const Candidat
       xt[j] = g.x[k + j];
       if (g.w) wt[j] = g.w[k + j];
     }
-    for (int j = 0; j < 4; ++j) {
-      acc[j] = mse_step_avx2<kSums>(xt + 4 * j, g.w ? wt + 4 * j : nullptr, inv, scale, lo, hi, acc[j], num[j], den[j]);
-    }
+    mse_step16_avx2<kSums>(xt, g.w ? wt : nullptr, f, acc, num, den);
   }
   if (kSums) {
     sums->num = lanes_sum_avx2(num);
@@ -254,38 +309,80 @@ PYQSHARE_AVX512 inline __m256 offset_code_avx512(__m512d xv, __m512d inv, __m256
   return _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-// Eight elements (those in mask m) into one lane vector; with kSums also into the refinement lane sums.
+struct FastCandidateAvx512 {
+  __m512 inv, scale, lo, hi, limit;
+  __m512d inv_exact;
+};
+
+PYQSHARE_AVX512 inline FastCandidateAvx512 fast_candidate_avx512(const Candidate& c) {
+  return {_mm512_set1_ps(1.0f / c.scale), _mm512_set1_ps(c.scale), _mm512_set1_ps(c.lo), _mm512_set1_ps(c.hi),
+          _mm512_set1_ps(fast_path_limit(c)), _mm512_set1_pd(1.0 / static_cast<double>(c.scale))};
+}
+
+// Differences (as float64, elements 0-7 and 8-15) and offset codes of sixteen elements.
+PYQSHARE_AVX512 inline void diff16_avx512(__m512 x, const FastCandidateAvx512& f, __m512d& d0, __m512d& d1,
+                                          __m512& q) {
+  const __m512 t = _mm512_mul_ps(x, f.inv);
+  q = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(t, f.lo), f.hi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  if (__builtin_expect(_mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(t, q)), f.limit, _CMP_NLE_UQ) == 0, 1)) {
+    __m512 deq = _mm512_mul_ps(q, f.scale);
+    asm("" : "+v"(deq));  // a rounded product: the compiler must not fuse it into the subtraction
+    const __m512 d = _mm512_sub_ps(x, deq);
+    d0 = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
+    d1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(d, 1));
+    return;
+  }
+  const __m256 lo = _mm512_castps512_ps256(f.lo), hi = _mm512_castps512_ps256(f.hi);
+  const __m256 scale = _mm512_castps512_ps256(f.scale);
+  const __m512d x0 = _mm512_cvtps_pd(_mm512_castps512_ps256(x)), x1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1));
+  const __m256 q0 = offset_code_avx512(x0, f.inv_exact, lo, hi), q1 = offset_code_avx512(x1, f.inv_exact, lo, hi);
+  d0 = _mm512_sub_pd(x0, _mm512_cvtps_pd(_mm256_mul_ps(q0, scale)));
+  d1 = _mm512_sub_pd(x1, _mm512_cvtps_pd(_mm256_mul_ps(q1, scale)));
+  q = _mm512_insertf32x8(_mm512_castps256_ps512(q0), q1, 1);
+}
+
+// Eight elements (in mask m; d, codes q, x) into one lane vector; with kSums also into the refinement sums.
 template <bool kSums>
-PYQSHARE_AVX512 inline __m512d mse_step_avx512(const float* x, const double* w, __mmask8 m, __m512d inv,
-                                               __m256 scale, __m256 lo, __m256 hi, __m512d acc, __m512d& num,
-                                               __m512d& den) {
-  const __m512d xv = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps(m, x)));
-  const __m256 q = offset_code_avx512(xv, inv, lo, hi);
-  const __m512d d = _mm512_sub_pd(xv, _mm512_cvtps_pd(_mm256_mul_ps(q, scale)));
+PYQSHARE_AVX512 inline __m512d mse_lanes_avx512(__m512d d, __m256 q, __m256 x, const double* w, __mmask8 m,
+                                                __m512d acc, __m512d& num, __m512d& den) {
   const __m512d wv = w ? _mm512_maskz_loadu_pd(m, w) : _mm512_setzero_pd();
   if (kSums) {
     const __m512d qd = _mm512_cvtps_pd(q);
     const __m512d wq = w ? _mm512_mul_pd(wv, qd) : qd;
-    num = _mm512_fmadd_pd(wq, xv, num);
+    num = _mm512_fmadd_pd(wq, _mm512_cvtps_pd(x), num);
     den = _mm512_fmadd_pd(wq, qd, den);
   }
   return _mm512_fmadd_pd(w ? _mm512_mul_pd(wv, d) : d, d, acc);
+}
+
+// Sixteen elements (those in mask m) into the two lane vectors; masked-out elements are loaded as 0,
+// whose code is 0 and difference +0: they add exactly nothing.
+template <bool kSums>
+PYQSHARE_AVX512 inline void mse_step16_avx512(const float* x, const double* w, __mmask16 m,
+                                              const FastCandidateAvx512& f, __m512d& acc0, __m512d& acc1,
+                                              __m512d& n0, __m512d& n1, __m512d& d0, __m512d& d1) {
+  const __m512 xv = _mm512_maskz_loadu_ps(m, x);
+  __m512d e0, e1;
+  __m512 q;
+  diff16_avx512(xv, f, e0, e1, q);
+  acc0 = mse_lanes_avx512<kSums>(e0, _mm512_castps512_ps256(q), _mm512_castps512_ps256(xv), w,
+                                 static_cast<__mmask8>(m), acc0, n0, d0);
+  acc1 = mse_lanes_avx512<kSums>(e1, _mm512_extractf32x8_ps(q, 1), _mm512_extractf32x8_ps(xv, 1), w ? w + 8 : nullptr,
+                                 static_cast<__mmask8>(m >> 8), acc1, n1, d1);
 }
 
 // With kSums, a complete evaluation also leaves the candidate's refinement sums: no second pass for them.
 template <bool kSums>
 PYQSHARE_AVX512 inline EvalResult eval_mse_avx512(const GroupData& g, const Candidate& c, double bound,
                                                   bool ties_lose, RefineSums* sums) {
-  const __m512d inv = _mm512_set1_pd(1.0 / static_cast<double>(c.scale));
-  const __m256 scale = _mm256_set1_ps(c.scale), lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
+  const FastCandidateAvx512 f = fast_candidate_avx512(c);
   __m512d acc0 = _mm512_setzero_pd(), acc1 = acc0, n0 = acc0, n1 = acc0, d0 = acc0, d1 = acc0;
   const std::size_t n16 = g.n - g.n % kLanes;
   std::size_t k = 0;
   while (k < n16) {
     const std::size_t stop = std::min(n16, k + kCheckEvery);
     for (; k < stop; k += kLanes) {
-      acc0 = mse_step_avx512<kSums>(g.x + k, g.w ? g.w + k : nullptr, 0xFF, inv, scale, lo, hi, acc0, n0, d0);
-      acc1 = mse_step_avx512<kSums>(g.x + k + 8, g.w ? g.w + k + 8 : nullptr, 0xFF, inv, scale, lo, hi, acc1, n1, d1);
+      mse_step16_avx512<kSums>(g.x + k, g.w ? g.w + k : nullptr, 0xFFFF, f, acc0, acc1, n0, n1, d0, d1);
     }
     if (k < g.n) {
       const double partial = lanes_sum_avx512(acc0, acc1);
@@ -293,11 +390,8 @@ PYQSHARE_AVX512 inline EvalResult eval_mse_avx512(const GroupData& g, const Cand
     }
   }
   if (k < g.n) {
-    const unsigned rest = static_cast<unsigned>(g.n - k);
-    const __mmask8 m0 = static_cast<__mmask8>(rest >= 8 ? 0xFF : (1u << rest) - 1);
-    const __mmask8 m1 = static_cast<__mmask8>(rest > 8 ? (1u << (rest - 8)) - 1 : 0);
-    acc0 = mse_step_avx512<kSums>(g.x + k, g.w ? g.w + k : nullptr, m0, inv, scale, lo, hi, acc0, n0, d0);
-    acc1 = mse_step_avx512<kSums>(g.x + k + 8, g.w ? g.w + k + 8 : nullptr, m1, inv, scale, lo, hi, acc1, n1, d1);
+    const __mmask16 m = static_cast<__mmask16>((1u << (g.n - k)) - 1);
+    mse_step16_avx512<kSums>(g.x + k, g.w ? g.w + k : nullptr, m, f, acc0, acc1, n0, n1, d0, d1);
   }
   if (kSums) {
     sums->num = lanes_sum_avx512(n0, n1);
@@ -438,25 +532,30 @@ PYQSHARE_AVX2 inline void screen_candidates_avx2(const GroupData& g, const float
   }
 }
 
-// Minimum, maximum, finiteness and sum of squares of x.
+// Minimum, maximum, finiteness and sum of squares of x (sixteen elements per step, independent chains).
 PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, float& lo_out, float& hi_out, double& sum_sq) {
-  __m256 lo = _mm256_set1_ps(x[0]), hi = lo, bad = _mm256_setzero_ps();
-  __m256d sq = _mm256_setzero_pd();
+  __m256 lo[2], hi[2], bad = _mm256_setzero_ps();
+  __m256d sq[4];
+  for (int j = 0; j < 2; ++j) lo[j] = hi[j] = _mm256_set1_ps(x[0]);
+  for (int j = 0; j < 4; ++j) sq[j] = _mm256_setzero_pd();
   std::size_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256 v = _mm256_loadu_ps(x + k);
-    lo = _mm256_min_ps(lo, v);
-    hi = _mm256_max_ps(hi, v);
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
-    const __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-    sq = _mm256_fmadd_pd(v0, v0, _mm256_fmadd_pd(v1, v1, sq));
+  for (; k + 16 <= n; k += 16) {
+    for (int j = 0; j < 2; ++j) {
+      const __m256 v = _mm256_loadu_ps(x + k + 8 * j);
+      lo[j] = _mm256_min_ps(lo[j], v);
+      hi[j] = _mm256_max_ps(hi[j], v);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+      const __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+      sq[2 * j] = _mm256_fmadd_pd(v0, v0, sq[2 * j]);
+      sq[2 * j + 1] = _mm256_fmadd_pd(v1, v1, sq[2 * j + 1]);
+    }
   }
   alignas(32) double sq_lane[4];
-  _mm256_store_pd(sq_lane, sq);
+  _mm256_store_pd(sq_lane, _mm256_add_pd(_mm256_add_pd(sq[0], sq[1]), _mm256_add_pd(sq[2], sq[3])));
   sum_sq = (sq_lane[0] + sq_lane[1]) + (sq_lane[2] + sq_lane[3]);
   alignas(32) float l[8], h[8];
-  _mm256_store_ps(l, lo);
-  _mm256_store_ps(h, hi);
+  _mm256_store_ps(l, _mm256_min_ps(lo[0], lo[1]));
+  _mm256_store_ps(h, _mm256_max_ps(hi[0], hi[1]));
   bool finite = _mm256_movemask_ps(bad) == 0;
   for (int j = 0; j < 8; ++j) {
     lo_out = std::min(lo_out, l[j]);
@@ -515,6 +614,406 @@ inline EvalResult evaluate(const GroupData& g, const Candidate& c, const SearchC
   return eval_scalar(g, c, cfg.p, cfg.squared(), bound, ties_lose);
 }
 
+// Bins around the boundary between codes q and q + 1 (q_half = q + 1/2): a real y < t - |t| 2^-20
+// (t = q_half s) has f32(y / s) < q + 1/2 (the margin covers the roundings), so code <= q, and
+// y > t + |t| 2^-20 has code >= q + 1. Thresholds a little further out (whose float32 roundings stay
+// beyond those bounds) are binned: elements in bins below the lower one's bin have code <= q, those
+// above the upper one's bin code >= q + 1.
+inline void cell_thresholds(double q_half, double s, float& lower_f, float& upper_f) {
+  const double t = q_half * s, margin = std::fabs(t) * 0x1p-19 + 0x1p-148;
+  lower_f = static_cast<float>(std::min(t - margin, static_cast<double>(FLT_MAX)));
+  const double upper = std::max(t + margin, -static_cast<double>(FLT_MAX));
+  upper_f = upper > FLT_MAX ? HUGE_VALF : static_cast<float>(upper);
+}
+
+
+// Histogram bounds (unweighted mse, many elements per code). The group's values are counted into nbins
+// equal bins over [xmin, xmax] once (count and sum of every bin, as prefix sums). With Sxx = sum y^2, the
+// error of a candidate is Sxx + sum over elements of (D^2 - 2 D y), D = f32(code * scale) the element's
+// dequantized value, so a run of whole bins with one code costs O(1). cell_thresholds() gives, for each
+// boundary between codes q and q + 1, the bins [bl, bu] that may hold either code ("window"); the bins
+// strictly between two windows hold one code. A window's elements have code q or q + 1 (the windows are
+// disjoint, else no bounds), and with a = (y - D_q)^2, b = (y - D_q1)^2, delta = D_q1 - D_q, m their midpoint:
+// min(a, b) = (a + b) / 2 - delta |y - m|. The reference's code is the nearer one except within
+// mu = 2^-20 (|q| + 2) s of m (a rounding of y / s or of D; it then costs at most 2 delta mu more), so a
+// window's error lies in [(A + B) / 2 - delta N W, min(A, B, (A + B) / 2 - delta |S - N m|) + 2 delta mu N]
+// (A, B: sums of a, b from the window's count N and sum S; W >= |y - m| from the bins' value ranges).
+// A computed radius covers the float64 roundings of these sums and of the reference's own lane sums.
+// The bounds are about 1e-4 relative wide at four bins per ... element (nbins = n): they leave one or two
+// candidates for exact evaluation.
+struct ErrorBounds {
+  double lower = 0.0, upper = HUGE_VAL;
+};
+
+struct HistogramGroup {
+  // An element y counts as round(y * fix) / fix (|error| <= 0.5 / fix); the prefix sums pack the count of
+  // the elements below a bin (times 2^kCountShift) and the sum of their fixed-point values, exactly.
+  static constexpr int kCountShift = 42;
+  std::size_t n = 0, nbins = 0;
+  bool valid = false;  // false: a zero or subnormal value range (one bin would hold everything)
+  float origin = 0.0f, inv_width = 0.0f;
+  double width = 0.0, xmin = 0.0, xmax = 0.0, sum_sq = 0.0, fix = 1.0;
+  double unit_error = 0.0;  // bound on the fixed-point error of one element (0.5 / fix)
+  std::vector<int64_t> prefix;  // nbins + 1 entries
+
+  // Monotone in v (a float32 subtraction, a product by a non-negative constant, a clamp, truncation),
+  // so every element of bin b is <= every element of bin b + 1, and bin(y) < bin(t) implies y < t.
+  uint32_t bin(float v) const {
+    float f = (v - origin) * inv_width;
+    f = f > 0.0f ? f : 0.0f;  // NaN (0 * inf) goes to bin 0 too
+    f = std::min(f, static_cast<float>(nbins - 1));
+    return static_cast<uint32_t>(static_cast<int32_t>(f));
+  }
+  // Number and sum of the elements in bins below b.
+  double count_below(int64_t b) const {
+    return static_cast<double>((prefix[b] + (int64_t{1} << (kCountShift - 1))) >> kCountShift);
+  }
+  double sum_below(int64_t b) const {
+    const int64_t count = (prefix[b] + (int64_t{1} << (kCountShift - 1))) >> kCountShift;
+    return static_cast<double>(prefix[b] - (count << kCountShift)) / fix;
+  }
+  // Every element of bin b lies in [lowest(b), highest(b)]: bin() has at most three float32 roundings.
+  double lowest(int64_t b) const {
+    return std::max(xmin, origin + static_cast<double>(b) * width * (1.0 - 0x1p-20) - slack());
+  }
+  double highest(int64_t b) const {
+    return std::min(xmax, origin + static_cast<double>(b + 1) * width * (1.0 + 0x1p-20) + slack());
+  }
+  double slack() const { return 0x1p-50 * std::fabs(static_cast<double>(origin)) + 0x1p-140; }
+
+  void build(const float* x, std::size_t count_in, float lo, float hi, double sum_of_squares, Isa isa);
+};
+
+// One bin per element: the windows then hold about one element each where the values are dense.
+inline std::size_t bin_count(std::size_t n) { return std::min<std::size_t>(std::max<std::size_t>(n, 16), 1 << 16); }
+
+#ifdef PYQSHARE_QUANT_X86
+// The bin() of n values, eight per step.
+PYQSHARE_AVX2 inline void bin_indices_avx2(const float* x, std::size_t n, float origin, float inv_width, float top,
+                                           uint32_t* out) {
+  const __m256 o = _mm256_set1_ps(origin), inv = _mm256_set1_ps(inv_width), t = _mm256_set1_ps(top);
+  const __m256 zero = _mm256_setzero_ps();
+  std::size_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    // max_ps returns its second operand (0) for NaN, as bin() does.
+    const __m256 f = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + k), o), inv), zero), t);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm256_cvttps_epi32(f));
+  }
+  for (; k < n; ++k) {
+    float f = (x[k] - origin) * inv_width;
+    f = f > 0.0f ? f : 0.0f;
+    out[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+  }
+}
+
+#endif
+
+// v rounded to the nearest integer (ties to even), for |v| < 2^51: the addition rounds at the units.
+inline int64_t round_to_int64(double v) {
+  const double t = v + 0x1.8p52;
+  int64_t bits;
+  std::memcpy(&bits, &t, sizeof bits);
+  return bits - int64_t{0x4338000000000000};
+}
+
+inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo, float hi, double sum_of_squares,
+                                  Isa isa) {
+  n = count_in;
+  nbins = bin_count(n);
+  origin = lo;
+  xmin = lo;
+  xmax = hi;
+  sum_sq = sum_of_squares;
+  inv_width = static_cast<float>(static_cast<double>(nbins) / (static_cast<double>(hi) - lo));
+  valid = std::isfinite(inv_width) && inv_width > 0.0f;
+  if (!valid) return;
+  width = 1.0 / static_cast<double>(inv_width);
+  // |round(y * fix)| summed over all elements stays below 2^(kCountShift - 1): fix = 2^k with
+  // fix sum |y| <= fix sqrt(n sum y^2) <= 2^40 (the 1.001 covers the rounding of sum y^2).
+  int exponent = 0;
+  std::frexp(std::sqrt(static_cast<double>(n) * sum_sq * 1.001), &exponent);
+  fix = std::ldexp(1.0, 40 - exponent);
+  unit_error = 0.5 / fix;
+  prefix.assign(nbins + 1, 0);
+  // Bins in blocks (a small buffer); local pointers: stores through them could otherwise alias the members.
+  constexpr std::size_t kBlock = 1024;
+  uint32_t bins[kBlock];
+  int64_t* __restrict p = prefix.data() + 1;
+  const float o = origin, inv = inv_width, top = static_cast<float>(nbins - 1);
+  const double scale = fix;
+  constexpr int64_t one = int64_t{1} << kCountShift;
+  for (std::size_t k0 = 0; k0 < n; k0 += kBlock) {
+    const std::size_t m = std::min(kBlock, n - k0);
+    const float* xb = x + k0;
+#ifdef PYQSHARE_QUANT_X86
+    if (isa != Isa::kPortable) {
+      bin_indices_avx2(xb, m, o, inv, top, bins);
+    } else
+#endif
+    {
+      for (std::size_t k = 0; k < m; ++k) {
+        float f = (xb[k] - o) * inv;  // as bin()
+        f = f > 0.0f ? f : 0.0f;
+        bins[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+      }
+    }
+    for (std::size_t k = 0; k < m; ++k) p[bins[k]] += one + round_to_int64(static_cast<double>(xb[k]) * scale);
+  }
+  // Inclusive prefix sums over four interleaved quarters (independent chains), then each quarter shifted
+  // by the totals before it. Integer sums: exact in any order.
+  int64_t* __restrict q = prefix.data();
+  const std::size_t len = nbins + 1, quarter = len / 4;
+  for (std::size_t j = 1; j < quarter; ++j) {
+    for (std::size_t part = 0; part < 4; ++part) q[part * quarter + j] += q[part * quarter + j - 1];
+  }
+  for (std::size_t part = 1; part < 4; ++part) {
+    const int64_t offset = q[part * quarter - 1];
+    for (std::size_t j = part * quarter; j < (part + 1) * quarter; ++j) q[j] += offset;
+  }
+  for (std::size_t j = 4 * quarter; j < len; ++j) q[j] += q[j - 1];
+}
+
+// The bounds from the sums of the bound's parts (see HistogramGroup), which exclude Sxx.
+inline ErrorBounds finish_bounds(const HistogramGroup& h, const Candidate& c, double partial_lower,
+                                 double partial_upper) {
+  constexpr double u = 0x1p-53;
+  const double n = static_cast<double>(h.n), n_cells = static_cast<double>(c.hi - c.lo) + 1.0;
+  // Every term is at most (|D| + |y|)^2 per element of its bins and every element enters at most two cell
+  // or window terms of at most six parts: 16 n (Dmax + Xmax)^2 bounds the sum of their magnitudes.
+  const double d_max = static_cast<double>(std::max(std::fabs(c.lo), std::fabs(c.hi))) * c.scale * (1.0 + 0x1p-22);
+  const double reach = d_max + std::max(std::fabs(h.xmin), std::fabs(h.xmax));
+  const double mag = 16.0 * n * reach * reach;
+  // Sxx: n roundings; the terms: a few roundings each plus their summation; the fixed-point values: an
+  // element's error enters its cell (factor 2 |D|) and at most one window (factor 2 |D_q| + 2 |D_q1| + delta).
+  const double radius = 1.01 * u * (n + 2.0) * h.sum_sq + 1.01 * u * (4.0 * n_cells + 8.0) * mag +
+                        8.0 * n * d_max * h.unit_error;
+  // The reference's lane sums differ from the real sum by at most (n / 16 + 4) u of it; 1e-12 covers
+  // differences rounded in float64 (exact unless x and its dequantized value are 2^29 apart).
+  const double g = 1.01 * u * (n / kLanes + 16.0) + 1e-12;
+  ErrorBounds r;
+  r.lower = (h.sum_sq + partial_lower - radius) * (1.0 - g);
+  r.upper = (h.sum_sq + partial_upper + radius) * (1.0 + g);
+  if (!(r.lower <= r.upper)) return ErrorBounds();  // NaN from an overflow: no bounds
+  return r;
+}
+
+// A cell's part of the bound: the bins [from, to) all hold code q (dequantized value dq).
+inline void add_cell(const HistogramGroup& h, int64_t from, int64_t to, double dq, double& lower, double& upper) {
+  const double nc = h.count_below(to) - h.count_below(from), sc = h.sum_below(to) - h.sum_below(from);
+  const double term = dq * dq * nc - 2.0 * dq * sc;
+  lower += term;
+  upper += term;
+}
+
+// The window bins of boundary (q, threshold q_half * s): [bl, bu], empty (bu = bl - 1) past either end.
+inline void window_bins(const HistogramGroup& h, double q_half, double s, int64_t& bl, int64_t& bu) {
+  float lower_f, upper_f;
+  cell_thresholds(q_half, s, lower_f, upper_f);
+  if (upper_f < static_cast<float>(h.xmin)) {  // every element has a code above q
+    bl = 0;
+    bu = -1;
+  } else if (lower_f > static_cast<float>(h.xmax)) {  // every element has code q or below
+    bl = static_cast<int64_t>(h.nbins);
+    bu = bl - 1;
+  } else {
+    bl = h.bin(lower_f);
+    bu = h.bin(upper_f);
+  }
+}
+
+inline ErrorBounds histogram_bounds_scalar(const HistogramGroup& h, const Candidate& c) {
+  if (!h.valid) return ErrorBounds();
+  const double s = c.scale;
+  const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1, n_bounds = n_cells - 1;
+  double lower = 0.0, upper = 0.0;
+  int64_t cell_from = 0;  // first bin of the current cell
+  double dq = static_cast<double>(c.lo * c.scale);
+  for (std::size_t j = 0; j < n_bounds; ++j) {
+    const float q = c.lo + static_cast<float>(j);
+    const double dq1 = static_cast<double>((q + 1.0f) * c.scale);
+    if (!std::isfinite(dq) || !std::isfinite(dq1)) return ErrorBounds();
+    int64_t bl, bu;
+    window_bins(h, static_cast<double>(q) + 0.5, s, bl, bu);
+    if (bl < cell_from) return ErrorBounds();  // windows touch: a bin may hold three codes
+    add_cell(h, cell_from, bl, dq, lower, upper);
+    const double nw = h.count_below(bu + 1) - h.count_below(bl), sw = h.sum_below(bu + 1) - h.sum_below(bl);
+    const double a = dq * dq * nw - 2.0 * dq * sw, b = dq1 * dq1 * nw - 2.0 * dq1 * sw;
+    const double delta = dq1 - dq, mid = 0.5 * (dq + dq1);
+    const double reach = std::max(std::max(mid - h.lowest(bl), h.highest(bu) - mid), 0.0);
+    const double mu = 0x1p-20 * (std::fabs(static_cast<double>(q)) + 2.0) * s;
+    lower += 0.5 * (a + b) - delta * nw * reach;
+    upper += std::min(std::min(a, b), 0.5 * (a + b) - delta * std::fabs(sw - nw * mid)) + 2.0 * delta * mu * nw;
+    cell_from = bu + 1;
+    dq = dq1;
+  }
+  if (!std::isfinite(dq)) return ErrorBounds();
+  add_cell(h, cell_from, static_cast<int64_t>(h.nbins), dq, lower, upper);
+  return finish_bounds(h, c, lower, upper);
+}
+
+#ifdef PYQSHARE_QUANT_X86
+// Half k of sixteen int32 lanes.
+PYQSHARE_AVX512 inline __m256i half_epi32(int k, __m512i v) {
+  return k ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
+}
+
+// HistogramGroup::count_below and sum_below of eight packed prefix values.
+PYQSHARE_AVX512 inline void unpack_prefix_avx512(__m512i packed, __m512i round_count, __m512d unfix, __m512d& count,
+                                                 __m512d& sum) {
+  const __m512i n = _mm512_srai_epi64(_mm512_add_epi64(packed, round_count), HistogramGroup::kCountShift);
+  count = _mm512_cvtepi64_pd(n);
+  sum = _mm512_mul_pd(_mm512_cvtepi64_pd(_mm512_sub_epi64(packed, _mm512_slli_epi64(n, HistogramGroup::kCountShift))), unfix);
+}
+
+// histogram_bounds_scalar with sixteen boundaries per vector. The cell before boundary j starts where
+// the window of boundary j - 1 ends: those values move up one lane (the previous block's last lane
+// enters lane 0), so two gathers per table serve both the cells and the windows.
+PYQSHARE_AVX512 inline ErrorBounds histogram_bounds_avx512(const HistogramGroup& h, const Candidate& c) {
+  if (!h.valid) return ErrorBounds();
+  const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1, n_bounds = n_cells - 1;
+  const double s = c.scale;
+  const __m512d sv = _mm512_set1_pd(s), rel = _mm512_set1_pd(0x1p-19), tiny = _mm512_set1_pd(0x1p-148);
+  const __m512d fmax = _mm512_set1_pd(FLT_MAX), fmin = _mm512_set1_pd(-FLT_MAX), inf = _mm512_set1_pd(HUGE_VAL);
+  const __m512d half = _mm512_set1_pd(0.5), two = _mm512_set1_pd(2.0), zero_d = _mm512_setzero_pd();
+  const __m512d origin_d = _mm512_set1_pd(h.origin), slack = _mm512_set1_pd(h.slack());
+  const __m512d xmin_d = _mm512_set1_pd(h.xmin), xmax_d = _mm512_set1_pd(h.xmax);
+  const __m512d w_lo = _mm512_set1_pd(h.width * (1.0 - 0x1p-20)), w_hi = _mm512_set1_pd(h.width * (1.0 + 0x1p-20));
+  const __m512d mu_scale = _mm512_set1_pd(0x1p-20 * s);
+  const __m512 origin = _mm512_set1_ps(h.origin), inv = _mm512_set1_ps(h.inv_width), zero = _mm512_setzero_ps();
+  const __m512 top = _mm512_set1_ps(static_cast<float>(h.nbins - 1));
+  const __m512 xmin_f = _mm512_set1_ps(static_cast<float>(h.xmin)), xmax_f = _mm512_set1_ps(static_cast<float>(h.xmax));
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 scale_ps = _mm512_set1_ps(c.scale), one = _mm512_set1_ps(1.0f), finite_max = _mm512_set1_ps(FLT_MAX);
+  // Lane 0 takes the second table's last lane, lane L > 0 the first table's lane L - 1.
+  const __m512i up_one = _mm512_setr_epi32(31, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+  const __m512i up_one_pd = _mm512_setr_epi64(15, 0, 1, 2, 3, 4, 5, 6);
+  const __m512i minus_one = _mm512_set1_epi32(-1), nbins = _mm512_set1_epi32(static_cast<int32_t>(h.nbins));
+  const long long* prefix = reinterpret_cast<const long long*>(h.prefix.data());
+  const __m512i round_count = _mm512_set1_epi64(int64_t{1} << (HistogramGroup::kCountShift - 1));
+  const __m512d unfix = _mm512_set1_pd(1.0 / h.fix);
+  __m512d lower = zero_d, upper = zero_d;
+  __m512i carry_from = _mm512_setzero_si512();
+  __m512d carry_count = zero_d, carry_sum = zero_d;  // lane 7: count and sum below the previous window's end
+  int32_t cell_from = 0;
+  for (std::size_t j0 = 0; j0 < n_bounds; j0 += 16) {
+    const std::size_t left = n_bounds - j0;
+    const __mmask16 active = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
+    const __m512 q = _mm512_add_ps(_mm512_set1_ps(c.lo + static_cast<float>(j0)), lanes);
+    const __m512 dq_ps = _mm512_mul_ps(q, scale_ps), dq1_ps = _mm512_mul_ps(_mm512_add_ps(q, one), scale_ps);
+    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(dq_ps), finite_max, _CMP_LE_OQ) &
+                             _mm512_cmp_ps_mask(_mm512_abs_ps(dq1_ps), finite_max, _CMP_LE_OQ);
+    if (active & ~finite) return ErrorBounds();
+    __m256 lower_f[2], upper_f[2];
+    for (int k = 0; k < 2; ++k) {
+      const __m512d qh = _mm512_add_pd(_mm512_cvtps_pd(k ? _mm512_extractf32x8_ps(q, 1) : _mm512_castps512_ps256(q)), half);
+      const __m512d t = _mm512_mul_pd(qh, sv);
+      const __m512d margin = _mm512_add_pd(_mm512_mul_pd(_mm512_abs_pd(t), rel), tiny);
+      lower_f[k] = _mm512_cvtpd_ps(_mm512_min_pd(_mm512_sub_pd(t, margin), fmax));
+      const __m512d up = _mm512_max_pd(_mm512_add_pd(t, margin), fmin);
+      upper_f[k] = _mm512_cvtpd_ps(_mm512_mask_blend_pd(_mm512_cmp_pd_mask(up, fmax, _CMP_GT_OQ), up, inf));
+    }
+    const __m512 lw = _mm512_insertf32x8(_mm512_castps256_ps512(lower_f[0]), lower_f[1], 1);
+    const __m512 uw = _mm512_insertf32x8(_mm512_castps256_ps512(upper_f[0]), upper_f[1], 1);
+    // bin(): max_ps returns its second operand (0) for NaN, as bin() does.
+    __m512i bl = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(lw, origin), inv), zero), top));
+    __m512i bu = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(uw, origin), inv), zero), top));
+    const __mmask16 below = _mm512_cmp_ps_mask(uw, xmin_f, _CMP_LT_OQ), above = _mm512_cmp_ps_mask(lw, xmax_f, _CMP_GT_OQ);
+    bl = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(bl, below, _mm512_setzero_si512()), above, nbins);
+    bu = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(bu, below, minus_one), above, _mm512_add_epi32(nbins, minus_one));
+    const __m512i bu1 = _mm512_sub_epi32(bu, minus_one);
+    const __m512i from = _mm512_permutex2var_epi32(bu1, up_one, carry_from);
+    if (_mm512_mask_cmplt_epi32_mask(active, bl, from)) return ErrorBounds();  // windows touch
+    __m512d count_bu1[2], sum_bu1[2];
+    for (int k = 0; k < 2; ++k) {
+      const __mmask8 act = static_cast<__mmask8>(active >> (8 * k));
+      if (!act) break;
+      __m512d count_bl, sum_bl;
+      unpack_prefix_avx512(_mm512_i32gather_epi64(half_epi32(k, bl), prefix, 8), round_count, unfix, count_bl, sum_bl);
+      unpack_prefix_avx512(_mm512_i32gather_epi64(half_epi32(k, bu1), prefix, 8), round_count, unfix, count_bu1[k],
+                           sum_bu1[k]);
+      const __m512d count_from = _mm512_permutex2var_pd(count_bu1[k], up_one_pd, k ? count_bu1[0] : carry_count);
+      const __m512d sum_from = _mm512_permutex2var_pd(sum_bu1[k], up_one_pd, k ? sum_bu1[0] : carry_sum);
+      const __m512d dq = _mm512_cvtps_pd(k ? _mm512_extractf32x8_ps(dq_ps, 1) : _mm512_castps512_ps256(dq_ps));
+      const __m512d dq1 = _mm512_cvtps_pd(k ? _mm512_extractf32x8_ps(dq1_ps, 1) : _mm512_castps512_ps256(dq1_ps));
+      const __m512d qd = _mm512_cvtps_pd(k ? _mm512_extractf32x8_ps(q, 1) : _mm512_castps512_ps256(q));
+      const __m512d nc = _mm512_sub_pd(count_bl, count_from), nw = _mm512_sub_pd(count_bu1[k], count_bl);
+      const __m512d sc = _mm512_sub_pd(sum_bl, sum_from), sw = _mm512_sub_pd(sum_bu1[k], sum_bl);
+      const __m512d dq2 = _mm512_mul_pd(dq, dq), dq12 = _mm512_mul_pd(dq1, dq1);
+      const __m512d term = _mm512_sub_pd(_mm512_mul_pd(dq2, nc), _mm512_mul_pd(_mm512_mul_pd(two, dq), sc));
+      const __m512d a = _mm512_sub_pd(_mm512_mul_pd(dq2, nw), _mm512_mul_pd(_mm512_mul_pd(two, dq), sw));
+      const __m512d b = _mm512_sub_pd(_mm512_mul_pd(dq12, nw), _mm512_mul_pd(_mm512_mul_pd(two, dq1), sw));
+      const __m512d delta = _mm512_sub_pd(dq1, dq), mid = _mm512_mul_pd(half, _mm512_add_pd(dq, dq1));
+      const __m512d lowest = _mm512_max_pd(xmin_d, _mm512_sub_pd(_mm512_add_pd(origin_d, _mm512_mul_pd(_mm512_cvtepi32_pd(half_epi32(k, bl)), w_lo)), slack));
+      const __m512d highest = _mm512_min_pd(xmax_d, _mm512_add_pd(_mm512_add_pd(origin_d, _mm512_mul_pd(_mm512_cvtepi32_pd(half_epi32(k, bu1)), w_hi)), slack));
+      const __m512d reach = _mm512_max_pd(_mm512_max_pd(_mm512_sub_pd(mid, lowest), _mm512_sub_pd(highest, mid)), zero_d);
+      const __m512d mu = _mm512_mul_pd(mu_scale, _mm512_add_pd(_mm512_abs_pd(qd), two));
+      const __m512d avg = _mm512_mul_pd(half, _mm512_add_pd(a, b));
+      const __m512d lo_part = _mm512_add_pd(term, _mm512_sub_pd(avg, _mm512_mul_pd(_mm512_mul_pd(delta, nw), reach)));
+      const __m512d tight = _mm512_sub_pd(avg, _mm512_mul_pd(delta, _mm512_abs_pd(_mm512_sub_pd(sw, _mm512_mul_pd(nw, mid)))));
+      const __m512d up_part = _mm512_add_pd(
+          term, _mm512_add_pd(_mm512_min_pd(_mm512_min_pd(a, b), tight), _mm512_mul_pd(_mm512_mul_pd(two, delta), _mm512_mul_pd(mu, nw))));
+      lower = _mm512_mask_add_pd(lower, act, lower, lo_part);
+      upper = _mm512_mask_add_pd(upper, act, upper, up_part);
+    }
+    if (left > 16) {
+      carry_from = bu1;
+      carry_count = count_bu1[1];
+      carry_sum = sum_bu1[1];
+    } else {
+      alignas(64) int32_t ends[16];
+      _mm512_store_si512(ends, bu1);
+      cell_from = ends[left - 1];
+    }
+  }
+  double low = _mm512_reduce_add_pd(lower), up = _mm512_reduce_add_pd(upper);
+  add_cell(h, cell_from, static_cast<int64_t>(h.nbins), static_cast<double>(c.hi * c.scale), low, up);
+  return finish_bounds(h, c, low, up);
+}
+#endif
+
+inline ErrorBounds histogram_bounds(const HistogramGroup& h, const Candidate& c, Isa isa) {
+#ifdef PYQSHARE_QUANT_X86
+  if (isa == Isa::kAvx512) return histogram_bounds_avx512(h, c);
+#endif
+  (void)isa;
+  return histogram_bounds_scalar(h, c);
+}
+
+// Carrying a lower bound on candidate i's computed error over to a neighbour j (j's code range within
+// i's). Element by element, with q the code j gives x: |x - D_i(x)| <= |x - q s_i| + eta_x (the reference
+// code is the nearest up to a rounding of x / s_i, and D = f32(q s) rounds) <= |x - D_j(x)| + |q| |s_i - s_j|
+// + eta_x + 2^-24 |q s_j|; by Minkowski sqrt(E_i) <= sqrt(E_j) + |s_i - s_j| sqrt(sum q^2) + eta, with
+// |q| <= min(|x| / s_j + 1/2, hmax_j). A bound far above the best one thus rules out several neighbours.
+// (Comparisons use squares: no square root or division per neighbour.)
+struct ShiftBound {
+  double n = 0.0, sum_sq = 0.0, abs_sum = 0.0, g = 0.0, eta_x = 0.0, eta_d = 0.0;
+  explicit ShiftBound(const HistogramGroup& h) : n(static_cast<double>(h.n)) {
+    g = 1.01 * 0x1p-53 * (n / kLanes + 16.0) + 1e-12;  // computed vs real error, as finish_bounds
+    sum_sq = h.sum_sq * (1.0 + 1e-9) * (1.0 + 0x1p-22);  // computed with at most 2^20 roundings
+    abs_sum = std::sqrt(n * sum_sq);  // sum |x| <= sqrt(n sum x^2)
+    eta_x = 0x1p-23 * std::sqrt(sum_sq);
+    eta_d = 0x1p-23 * std::sqrt(n);
+  }
+  // sqrt of the real error of a candidate whose computed error is at least `lower`, rounded down.
+  double root(double lower) const { return lower > 0.0 ? std::sqrt(lower / (1.0 + g)) * (1.0 - 1e-12) : 0.0; }
+  // A root above this makes the computed error exceed `best_upper`.
+  double threshold(double best_upper) const { return std::sqrt(best_upper / ((1.0 - g) * (1.0 - 1e-12))) * (1.0 + 1e-12); }
+  // Whether sqrt(E_j) > `threshold`, given root(lower bound of E_i) = `root_i`.
+  bool rules_out(const Candidate& ci, double root_i, const Candidate& cj, double thr) const {
+    if (cj.lo < ci.lo || cj.hi > ci.hi) return false;
+    const float hi_f = std::max(std::fabs(ci.lo), std::fabs(ci.hi));
+    if (!std::isfinite(hi_f * ci.scale)) return false;  // i's dequantized values may overflow
+    const double si = ci.scale, sj = cj.scale, hj = std::max(std::fabs(cj.lo), std::fabs(cj.hi));
+    const double eta = eta_x + eta_d * (static_cast<double>(hi_f) * si + hj * sj);
+    const double slack = root_i - eta * (1.0 + 1e-12) - thr;  // what |s_i - s_j| sqrt(sum q^2) may take
+    if (!(slack > 0.0)) return false;
+    // (sum q^2) s_j^2 is at most this:
+    const double q2s2 = std::min(sum_sq + abs_sum * sj + 0.25 * n * sj * sj, n * hj * hj * sj * sj);
+    const double shift = si - sj;
+    return shift * shift * q2s2 * (1.0 + 1e-12) < (slack * sj) * (slack * sj) * (1.0 - 1e-12);
+  }
+};
+
 // sum(w q x) and sum(w q q) over the offset codes q, with the lane structure of the error sums.
 inline void refine_sums_scalar(const GroupData& g, const Candidate& c, double& num, double& den) {
   double num_lane[kLanes] = {}, den_lane[kLanes] = {};
@@ -529,9 +1028,10 @@ inline void refine_sums_scalar(const GroupData& g, const Candidate& c, double& n
 }
 
 // Least-squares scale for the winner's codes with its zero point kept; replaces it when not worse.
-// `known`: the winner's sums when its evaluation produced them (equal to refine_sums_scalar's).
+// `known`: the winner's sums when its evaluation produced them (equal to refine_sums_scalar's);
+// `hist`: the group's histogram, whose bounds often decide without an exact evaluation.
 inline Candidate refine(const GroupData& g, const Candidate& best, double best_error, const SearchConfig& cfg,
-                        Isa isa, const RefineSums& known = RefineSums()) {
+                        Isa isa, const RefineSums& known = RefineSums(), const HistogramGroup* hist = nullptr) {
   double num = known.num, den = known.den;
   if (!known.valid) refine_sums_scalar(g, best, num, den);
   if (!(den > 0.0)) return best;
@@ -540,13 +1040,18 @@ inline Candidate refine(const GroupData& g, const Candidate& best, double best_e
   const float scale = std::max(static_cast<float>(std::min(s, static_cast<double>(FLT_MAX))), FLT_MIN);
   if (scale == best.scale) return best;
   const Candidate c = with_scale(best, scale);
+  if (hist) {
+    const ErrorBounds b = histogram_bounds(*hist, c, isa);
+    if (b.upper <= best_error) return c;
+    if (b.lower > best_error) return best;
+  }
   const EvalResult r = evaluate(g, c, cfg, isa, best_error, false);
   return (r.complete && r.error <= best_error) ? c : best;
 }
 
 struct GroupStats {
   double xmin = 0.0, xmax = 0.0, weight_sum = 0.0;
-  double weighted_x2 = 0.0;  // sum(w x^2), filled only where screening may run
+  double sum_sq = 0.0;  // sum(x^2)
 };
 
 // When a screening prefix sum P proves a candidate's exact error E exceeds the best error B.
@@ -588,467 +1093,6 @@ inline GroupResult search_group_reference(const GroupData& g, const GroupStats& 
   return {best.scale, best.zero_point};
 }
 
-// Binned screening (unweighted mse): the elements of a group are counting-sorted into value bins once;
-// the error of a candidate is then a sum over its cells (runs of elements sharing one code). A run of
-// elements inside one cell costs O(1) from prefix moments: sum (y - D)^2 = S2 - 2 D S1 + N D^2. Only the
-// bins that may straddle a cell boundary are evaluated element by element, with the exact code rule.
-// The result is the exact error up to a computed rounding radius, so it decides which candidates can
-// still win; those are then evaluated exactly (bit for bit as the reference).
-struct BinnedGroup {
-  std::size_t n = 0, nbins = 0;
-  float origin = 0.0f, inv_width = 0.0f;
-  std::vector<uint32_t> bin_of, cursor;  // build scratch
-  std::vector<uint32_t> start;           // bin b holds grouped[start[b], start[b + 1])
-  std::vector<float> grouped;
-  std::vector<double> p1, p2;  // p1[k], p2[k]: sums of y and y^2 over grouped[0, k)
-  double abs_sum = 0.0;        // sum |y|
-  std::vector<int32_t> first, last;  // cell boundaries of one candidate (screening scratch)
-
-  // Monotone in v (a float32 subtraction, a product by a non-negative constant, a clamp, truncation),
-  // so every element of bin b is <= every element of bin b + 1, and bin(y) < bin(t) implies y < t.
-  uint32_t bin(float v) const {
-    float f = (v - origin) * inv_width;
-    f = f > 0.0f ? f : 0.0f;  // NaN (0 * inf) goes to bin 0 too
-    f = std::min(f, static_cast<float>(nbins - 1));
-    return static_cast<uint32_t>(static_cast<int32_t>(f));
-  }
-
-  void build(const float* x, std::size_t count, float xmin, float xmax, std::size_t bins, Isa isa);
-
-  // Writes k (<= n) elements taken from both ends of the value order, larger |y| first.
-  void extremes(std::size_t k, float* out) const {
-    std::size_t lo = 0, hi = n;
-    for (std::size_t j = 0; j < k; ++j) out[j] = std::fabs(grouped[lo]) >= std::fabs(grouped[hi - 1]) ? grouped[lo++] : grouped[--hi];
-  }
-};
-
-// Prefix sums of y and y^2 (p[k] over y[0, k)) and sum |y|: every term passes through at most n / 4 + 10
-// additions (runs of 4 or 8 plus a carry), which bounds their rounding (binned_mse).
-inline double prefix_moments_scalar(const float* y, std::size_t n, double* p1, double* p2) {
-  p1[0] = p2[0] = 0.0;
-  double c1 = 0.0, c2 = 0.0, a = 0.0;
-  for (std::size_t k = 0; k < n; k += 8) {
-    double r1 = 0.0, r2 = 0.0;
-    const std::size_t stop = std::min(n, k + 8);
-    for (std::size_t e = k; e < stop; ++e) {
-      const double v = y[e];
-      r1 += v;
-      r2 += v * v;  // exact: a float32 squared fits in float64
-      a += std::fabs(v);
-      p1[e + 1] = c1 + r1;
-      p2[e + 1] = c2 + r2;
-    }
-    c1 += r1;
-    c2 += r2;
-  }
-  return a;
-}
-
-#ifdef PYQSHARE_QUANT_X86
-// Inclusive prefix sum of four doubles (lane j: v[0] + ... + v[j]).
-PYQSHARE_AVX2 inline __m256d scan4_avx2(__m256d v) {
-  const __m256d zero = _mm256_setzero_pd();
-  v = _mm256_add_pd(v, _mm256_blend_pd(_mm256_permute4x64_pd(v, _MM_SHUFFLE(2, 1, 0, 0)), zero, 0x1));
-  return _mm256_add_pd(v, _mm256_blend_pd(_mm256_permute4x64_pd(v, _MM_SHUFFLE(1, 0, 0, 0)), zero, 0x3));
-}
-
-PYQSHARE_AVX2 inline double prefix_moments_avx2(const float* y, std::size_t n, double* p1, double* p2) {
-  p1[0] = p2[0] = 0.0;
-  __m256d c1 = _mm256_setzero_pd(), c2 = c1, a = c1;
-  const __m256d sign = _mm256_set1_pd(-0.0);
-  std::size_t k = 0;
-  for (; k + 4 <= n; k += 4) {
-    const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(y + k));
-    const __m256d r1 = scan4_avx2(v), r2 = scan4_avx2(_mm256_mul_pd(v, v));
-    _mm256_storeu_pd(p1 + k + 1, _mm256_add_pd(c1, r1));
-    _mm256_storeu_pd(p2 + k + 1, _mm256_add_pd(c2, r2));
-    // The carry chain is one addition per four elements: the run totals do not depend on it.
-    c1 = _mm256_add_pd(c1, _mm256_permute4x64_pd(r1, _MM_SHUFFLE(3, 3, 3, 3)));
-    c2 = _mm256_add_pd(c2, _mm256_permute4x64_pd(r2, _MM_SHUFFLE(3, 3, 3, 3)));
-    a = _mm256_add_pd(a, _mm256_andnot_pd(sign, v));
-  }
-  alignas(32) double lane[4];
-  _mm256_store_pd(lane, a);
-  double abs_sum = (lane[0] + lane[1]) + (lane[2] + lane[3]);
-  for (; k < n; ++k) {
-    const double v = y[k];
-    p1[k + 1] = p1[k] + v;
-    p2[k + 1] = p2[k] + v * v;
-    abs_sum += std::fabs(v);
-  }
-  return abs_sum;
-}
-
-// prefix_moments_avx2 eight elements per step (at most n / 8 + 4 additions per term).
-PYQSHARE_AVX512 inline __m512d scan8_avx512(__m512d v) {
-  const __m512i zero = _mm512_setzero_si512();
-  // alignr(v, 0, 8 - s): v moved up by s lanes, zeros below.
-  v = _mm512_add_pd(v, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(v), zero, 7)));
-  v = _mm512_add_pd(v, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(v), zero, 6)));
-  return _mm512_add_pd(v, _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(v), zero, 4)));
-}
-
-PYQSHARE_AVX512 inline double prefix_moments_avx512(const float* y, std::size_t n, double* p1, double* p2) {
-  p1[0] = p2[0] = 0.0;
-  const __m512i last = _mm512_set1_epi64(7);
-  __m512d c1 = _mm512_setzero_pd(), c2 = c1, a = c1;
-  std::size_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(y + k));
-    const __m512d r1 = scan8_avx512(v), r2 = scan8_avx512(_mm512_mul_pd(v, v));
-    _mm512_storeu_pd(p1 + k + 1, _mm512_add_pd(c1, r1));
-    _mm512_storeu_pd(p2 + k + 1, _mm512_add_pd(c2, r2));
-    c1 = _mm512_add_pd(c1, _mm512_permutexvar_pd(last, r1));
-    c2 = _mm512_add_pd(c2, _mm512_permutexvar_pd(last, r2));
-    a = _mm512_add_pd(a, _mm512_abs_pd(v));
-  }
-  double abs_sum = _mm512_reduce_add_pd(a);
-  for (; k < n; ++k) {
-    const double v = y[k];
-    p1[k + 1] = p1[k] + v;
-    p2[k + 1] = p2[k] + v * v;
-    abs_sum += std::fabs(v);
-  }
-  return abs_sum;
-}
-
-// The bin() of n values, eight per step.
-PYQSHARE_AVX2 inline void bin_indices_avx2(const float* x, std::size_t n, float origin, float inv_width, float top,
-                                           uint32_t* out) {
-  const __m256 o = _mm256_set1_ps(origin), inv = _mm256_set1_ps(inv_width), t = _mm256_set1_ps(top);
-  const __m256 zero = _mm256_setzero_ps();
-  std::size_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    // max_ps returns its second operand (0) for NaN, as bin() does.
-    const __m256 f = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + k), o), inv), zero), t);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm256_cvttps_epi32(f));
-  }
-  for (; k < n; ++k) {
-    float f = (x[k] - origin) * inv_width;
-    f = f > 0.0f ? f : 0.0f;
-    out[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
-  }
-}
-#endif
-
-inline void BinnedGroup::build(const float* x, std::size_t count, float xmin, float xmax, std::size_t bins, Isa isa) {
-  n = count;
-  nbins = bins;
-  origin = xmin;
-  inv_width = static_cast<float>(static_cast<double>(bins) / (static_cast<double>(xmax) - xmin));
-  if (!std::isfinite(inv_width)) inv_width = 0.0f;  // a zero or subnormal range: one bin does
-  bin_of.resize(n);
-  grouped.resize(n);
-  start.assign(nbins + 1, 0);
-  // Local copies and pointers: stores through bin_of could otherwise alias the members.
-  const float o = origin, inv = inv_width, top = static_cast<float>(nbins - 1);
-  uint32_t* __restrict bins_out = bin_of.data();
-  uint32_t* __restrict first = start.data();
-#ifdef PYQSHARE_QUANT_X86
-  if (isa != Isa::kPortable) {
-    bin_indices_avx2(x, n, o, inv, top, bins_out);
-  } else
-#endif
-  {
-    for (std::size_t k = 0; k < n; ++k) {
-      float f = (x[k] - o) * inv;  // as bin()
-      f = f > 0.0f ? f : 0.0f;
-      bins_out[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
-    }
-  }
-  for (std::size_t k = 0; k < n; ++k) ++first[bins_out[k] + 1];
-  uint32_t total = 0;
-  for (std::size_t b = 1; b <= nbins; ++b) first[b] = total += first[b];
-  cursor.assign(start.begin(), start.end() - 1);
-  uint32_t* __restrict next = cursor.data();
-  float* __restrict out = grouped.data();
-  for (std::size_t k = 0; k < n; ++k) out[next[bins_out[k]]++] = x[k];
-  p1.resize(n + 1);
-  p2.resize(n + 1);
-#ifdef PYQSHARE_QUANT_X86
-  if (isa == Isa::kAvx512) {
-    abs_sum = prefix_moments_avx512(grouped.data(), n, p1.data(), p2.data());
-    return;
-  }
-  if (isa != Isa::kPortable) {
-    abs_sum = prefix_moments_avx2(grouped.data(), n, p1.data(), p2.data());
-    return;
-  }
-#endif
-  abs_sum = prefix_moments_scalar(grouped.data(), n, p1.data(), p2.data());
-}
-
-struct ScreenedError {
-  double value = 0.0, radius = 0.0;  // |value - exact error| <= radius
-};
-
-// Sum of squared errors of n elements under candidate c (float64 differences and sums).
-inline double window_error_scalar(const float* y, std::size_t n, const Candidate& c) {
-  double sum = 0.0;
-  for (std::size_t e = 0; e < n; ++e) {
-    const double d = static_cast<double>(y[e]) - static_cast<double>(offset_code(y[e], c) * c.scale);
-    sum += d * d;
-  }
-  return sum;
-}
-
-
-// Cell boundaries of candidate c in the grouped order. Boundary j lies between codes q = c.lo + j and
-// q + 1: a real y < t - |t| 2^-20 (t = (q + 1/2) s) has f32(y / s) < q + 1/2 (the margin covers the
-// roundings), so code <= q, and y > t + |t| 2^-20 has code >= q + 1. Thresholds a little further out
-// (whose float32 roundings stay beyond those bounds) are binned: elements in bins below the lower one's
-// bin have code <= q, those above the upper one's bin code >= q + 1. So with first[j] = start[bin(lower)]
-// and last[j] = start[bin(upper) + 1] (both non-decreasing in j), cell j (code c.lo + j) holds
-// grouped[last[j - 1], max(first[j], last[j - 1])) entirely, and the elements
-// [max(first[j], last[j - 1]), last[j]) may hold either code: they are evaluated one by one.
-inline void cell_thresholds(double q_half, double s, float& lower_f, float& upper_f) {
-  const double t = q_half * s, margin = std::fabs(t) * 0x1p-19 + 0x1p-148;
-  lower_f = static_cast<float>(std::min(t - margin, static_cast<double>(FLT_MAX)));
-  const double upper = std::max(t + margin, -static_cast<double>(FLT_MAX));
-  upper_f = upper > FLT_MAX ? HUGE_VALF : static_cast<float>(upper);
-}
-
-// Rounding radius of a binned error (see binned_mse).
-inline double binned_radius(const BinnedGroup& bg, const Candidate& c, double value, double mag, double elems,
-                            std::size_t n_cells, std::size_t n_window) {
-  // A prefix sum errs by at most (n / 4 + 10) u times the sum of its |terms|, so a cell's moments by
-  // twice that; the cell formula and the sums (in any order) by small multiples of u times the magnitudes.
-  constexpr double u = 0x1p-53;
-  const double dmax = std::max(std::fabs(c.lo), std::fabs(c.hi)) * static_cast<double>(c.scale) * (1.0 + 0x1p-22);
-  const double depth = static_cast<double>(bg.n) / 4.0 + 10.0;
-  const double screened = 1.05 * u *
-                          (2.0 * depth * static_cast<double>(n_cells) * (bg.p2[bg.n] + 2.0 * dmax * bg.abs_sum) +
-                           static_cast<double>(n_cells + 8) * mag + static_cast<double>(n_window + 4) * elems +
-                           std::fabs(value));
-  // The exact error itself differs from the real sum by at most (n / 16 + 8) u of it (lane sums).
-  const double exact = 1.05 * u * (static_cast<double>(bg.n) / kLanes + 8.0) * (std::fabs(value) + screened);
-  return screened + exact;
-}
-
-inline ScreenedError binned_mse_scalar(const BinnedGroup& bg, const Candidate& c) {
-  const double s = c.scale;
-  double cells = 0.0, mag = 0.0, elems = 0.0;
-  std::size_t n_window = 0;
-  const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1;
-  std::size_t prev_last = 0;
-  for (std::size_t j = 0; j < n_cells; ++j) {
-    const float q = c.lo + static_cast<float>(j);
-    std::size_t first = bg.n, last = bg.n;
-    if (q < c.hi) {
-      float lower_f, upper_f;
-      cell_thresholds(static_cast<double>(q) + 0.5, s, lower_f, upper_f);
-      first = bg.start[bg.bin(lower_f)];
-      last = bg.start[bg.bin(upper_f) + 1];
-    }
-    const std::size_t a = prev_last, b = std::max(first, prev_last);
-    const double deq = static_cast<double>(q * c.scale);
-    const double s2 = bg.p2[b] - bg.p2[a], cross = 2.0 * deq * (bg.p1[b] - bg.p1[a]);
-    const double nd2 = static_cast<double>(b - a) * deq * deq;
-    cells += (s2 - cross) + nd2;
-    mag += s2 + std::fabs(cross) + nd2;
-    if (last > b) {
-      elems += window_error_scalar(bg.grouped.data() + b, last - b, c);
-      n_window += last - b;
-    }
-    prev_last = std::max(last, b);
-  }
-  ScreenedError r;
-  r.value = cells + elems;
-  r.radius = binned_radius(bg, c, r.value, mag, elems, n_cells, n_window);
-  return r;
-}
-
-#ifdef PYQSHARE_QUANT_X86
-// binned_mse_scalar with the thresholds, bins and cell moments of four boundaries per vector; the cells come
-// first and may drop a sure loser before its windows, as in binned_mse_avx512.
-PYQSHARE_AVX2 inline ScreenedError binned_mse_avx2(BinnedGroup& bg, const Candidate& c, double abandon_above) {
-  const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1, n_bounds = n_cells - 1;
-  bg.first.resize(n_cells + 4);
-  bg.last.resize(n_cells + 4);
-  int32_t* first = bg.first.data();
-  int32_t* last = bg.last.data() + 1;  // last[-1] = 0
-  last[-1] = 0;
-  const __m256d s = _mm256_set1_pd(c.scale), sign = _mm256_set1_pd(-0.0), tiny = _mm256_set1_pd(0x1p-148);
-  const __m256d fmax = _mm256_set1_pd(FLT_MAX), fmin = _mm256_set1_pd(-FLT_MAX), inf = _mm256_set1_pd(HUGE_VAL);
-  const __m128 origin = _mm_set1_ps(bg.origin), inv = _mm_set1_ps(bg.inv_width);
-  const __m128 top = _mm_set1_ps(static_cast<float>(bg.nbins - 1)), zero = _mm_setzero_ps();
-  const int* start = reinterpret_cast<const int*>(bg.start.data());
-  for (std::size_t j = 0; j < n_bounds; j += 4) {
-    const double q0 = static_cast<double>(c.lo) + static_cast<double>(j) + 0.5;
-    const __m256d t = _mm256_mul_pd(_mm256_setr_pd(q0, q0 + 1.0, q0 + 2.0, q0 + 3.0), s);
-    const __m256d margin = _mm256_add_pd(_mm256_mul_pd(_mm256_andnot_pd(sign, t), _mm256_set1_pd(0x1p-19)), tiny);
-    const __m128 lower = _mm256_cvtpd_ps(_mm256_min_pd(_mm256_sub_pd(t, margin), fmax));
-    const __m256d up = _mm256_max_pd(_mm256_add_pd(t, margin), fmin);
-    const __m128 upper = _mm256_cvtpd_ps(_mm256_blendv_pd(up, inf, _mm256_cmp_pd(up, fmax, _CMP_GT_OQ)));
-    // bin(): max_ps returns its second operand (0) for NaN, as bin() does.
-    const __m128i bl = _mm_cvttps_epi32(_mm_min_ps(_mm_max_ps(_mm_mul_ps(_mm_sub_ps(lower, origin), inv), zero), top));
-    const __m128i bu = _mm_cvttps_epi32(_mm_min_ps(_mm_max_ps(_mm_mul_ps(_mm_sub_ps(upper, origin), inv), zero), top));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(first + j), _mm_i32gather_epi32(start, bl, 4));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(last + j), _mm_i32gather_epi32(start + 1, bu, 4));
-  }
-  first[n_bounds] = last[n_bounds] = static_cast<int32_t>(bg.n);
-  // last[] is non-decreasing, so cell j runs over [last[j - 1], max(first[j], last[j - 1])). Scalar loads:
-  // gathers are slower here.
-  double cells = 0.0, mag = 0.0;
-  for (std::size_t j = 0; j < n_cells; ++j) {
-    const int32_t lo_idx = last[static_cast<std::ptrdiff_t>(j) - 1], hi_idx = std::max(first[j], lo_idx);
-    const double deq = static_cast<double>((c.lo + static_cast<float>(j)) * c.scale);
-    const double s2 = bg.p2[hi_idx] - bg.p2[lo_idx], cross = 2.0 * deq * (bg.p1[hi_idx] - bg.p1[lo_idx]);
-    const double nd2 = static_cast<double>(hi_idx - lo_idx) * deq * deq;
-    cells += (s2 - cross) + nd2;
-    mag += s2 + std::fabs(cross) + nd2;
-  }
-  // The cells alone bound the error from below (window terms are squares): drop a sure loser here.
-  if (cells - binned_radius(bg, c, cells, mag, 0.0, n_cells, 0) > abandon_above) {
-    ScreenedError lost;
-    lost.value = HUGE_VAL;
-    return lost;
-  }
-  // Windows [max(first[j], last[j - 1]), last[j]), four elements at a time.
-  const __m256d inv_s = _mm256_set1_pd(1.0 / static_cast<double>(c.scale));
-  const __m128 scale = _mm_set1_ps(c.scale), lo = _mm_set1_ps(c.lo), hi = _mm_set1_ps(c.hi);
-  __m256d acc = _mm256_setzero_pd();
-  std::size_t n_window = 0;
-  for (std::size_t j = 0; j < n_bounds; ++j) {
-    const int32_t a = std::max(first[j], last[j - 1]), b = last[j];
-    for (int32_t e = a; e < b; e += 4) {
-      const int rest = std::min(4, b - e);
-      const __m128i mask = _mm_cmpgt_epi32(_mm_set1_epi32(rest), _mm_setr_epi32(0, 1, 2, 3));
-      const __m256d yv = _mm256_cvtps_pd(_mm_maskload_ps(bg.grouped.data() + e, mask));
-      const __m256d d = _mm256_sub_pd(yv, _mm256_cvtps_pd(_mm_mul_ps(offset_code_avx2(yv, inv_s, lo, hi), scale)));
-      acc = _mm256_fmadd_pd(d, d, acc);  // masked-out lanes: y = 0 has code 0 and d = 0
-    }
-    n_window += b > a ? static_cast<std::size_t>(b - a) : 0;
-  }
-  alignas(32) double lane[4];
-  _mm256_store_pd(lane, acc);
-  ScreenedError r;
-  const double elems = (lane[0] + lane[1]) + (lane[2] + lane[3]);
-  r.value = cells + elems;
-  r.radius = binned_radius(bg, c, r.value, mag, elems, n_cells, n_window);
-  return r;
-}
-#endif
-
-#ifdef PYQSHARE_QUANT_X86
-// Squared errors of the window grouped[a, b) added into acc: eight elements per masked step, so the
-// usual window (zero to a few elements) costs one step and no data-dependent branch.
-PYQSHARE_AVX512 inline __m512d window_error_avx512(const float* y, int32_t a, int32_t b, __m512d inv_s, __m256 scale,
-                                                   __m256 lo, __m256 hi, __m512d acc) {
-  for (int32_t e = a;; e += 8) {
-    const int32_t rest = b - e;
-    const __mmask16 m = static_cast<__mmask16>(rest >= 8 ? 0xFF : (1u << std::max(rest, 0)) - 1);
-    const __m512d yv = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps(m, y + e)));
-    const __m512d deq = _mm512_cvtps_pd(_mm256_mul_ps(offset_code_avx512(yv, inv_s, lo, hi), scale));
-    const __m512d d = _mm512_sub_pd(yv, deq);
-    acc = _mm512_fmadd_pd(d, d, acc);  // masked-out lanes: y = 0 has code 0 and d = 0
-    if (rest <= 8) return acc;
-  }
-}
-
-// binned_mse_avx2 with sixteen boundaries and cells per vector, kept in registers. The cells come first:
-// their sum alone bounds the error from below (window terms are squares), so a candidate whose cells
-// already lose against `abandon_above` is dropped before its windows (returned value HUGE_VAL).
-PYQSHARE_AVX512 inline ScreenedError binned_mse_avx512(BinnedGroup& bg, const Candidate& c, double abandon_above) {
-  const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1, n_bounds = n_cells - 1;
-  const std::size_t padded = (n_cells + 15) & ~std::size_t{15};
-  if (bg.first.size() < padded) {
-    bg.first.resize(padded);
-    bg.last.resize(padded);
-  }
-  int32_t* window_start = bg.first.data();
-  int32_t* window_end = bg.last.data();
-  const __m512d s = _mm512_set1_pd(c.scale), tiny = _mm512_set1_pd(0x1p-148), rel = _mm512_set1_pd(0x1p-19);
-  const __m512d fmax = _mm512_set1_pd(FLT_MAX), fmin = _mm512_set1_pd(-FLT_MAX), inf = _mm512_set1_pd(HUGE_VAL);
-  const __m512d step = _mm512_setr_pd(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m512 origin = _mm512_set1_ps(bg.origin), inv = _mm512_set1_ps(bg.inv_width);
-  const __m512 top = _mm512_set1_ps(static_cast<float>(bg.nbins - 1)), zero = _mm512_setzero_ps();
-  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i n_vec = _mm512_set1_epi32(static_cast<int32_t>(bg.n));
-  // Lane 0 takes the carry's lane 15 (index 31: the second table), lane L > 0 last's lane L - 1.
-  const __m512i shift_in = _mm512_setr_epi32(31, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
-  const __m512 top_code = _mm512_set1_ps(c.hi);
-  const int* start = reinterpret_cast<const int*>(bg.start.data());
-  const double* p1 = bg.p1.data();
-  const double* p2 = bg.p2.data();
-  const __m512 scale_ps = _mm512_set1_ps(c.scale);
-  __m512d cells = _mm512_setzero_pd(), mag = cells;
-  __m512i carry = _mm512_setzero_si512();  // lane 15: the end of the last boundary window so far (0 at first)
-  for (std::size_t j = 0; j < padded; j += 16) {
-    // Boundary j + lane: first = start[bin(lower)], last = start[bin(upper) + 1]; past the last boundary n.
-    __m256 lower[2], upper[2];
-    for (int h = 0; h < 2; ++h) {
-      const double q0 = static_cast<double>(c.lo) + static_cast<double>(j + 8 * h) + 0.5;
-      const __m512d t = _mm512_mul_pd(_mm512_add_pd(_mm512_set1_pd(q0), step), s);
-      const __m512d margin = _mm512_add_pd(_mm512_mul_pd(_mm512_abs_pd(t), rel), tiny);
-      lower[h] = _mm512_cvtpd_ps(_mm512_min_pd(_mm512_sub_pd(t, margin), fmax));
-      const __m512d up = _mm512_max_pd(_mm512_add_pd(t, margin), fmin);
-      upper[h] = _mm512_cvtpd_ps(_mm512_mask_blend_pd(_mm512_cmp_pd_mask(up, fmax, _CMP_GT_OQ), up, inf));
-    }
-    const __m512 lw = _mm512_insertf32x8(_mm512_castps256_ps512(lower[0]), lower[1], 1);
-    const __m512 uw = _mm512_insertf32x8(_mm512_castps256_ps512(upper[0]), upper[1], 1);
-    // bin(): max_ps returns its second operand (0) for NaN, as bin() does.
-    const __m512i bl = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(lw, origin), inv), zero), top));
-    const __m512i bu = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(uw, origin), inv), zero), top));
-    const __mmask16 real = static_cast<__mmask16>(n_bounds - std::min(n_bounds, j) >= 16 ? 0xFFFF : (1u << (n_bounds - j)) - 1);
-    const __m512i first = _mm512_mask_i32gather_epi32(n_vec, real, bl, start, 4);
-    const __m512i last = _mm512_mask_i32gather_epi32(n_vec, real, bu, start + 1, 4);
-    // Cell j + lane runs over [last of boundary j + lane - 1, max(first, that)): last[] is non-decreasing.
-    const __m512i cell_lo = _mm512_permutex2var_epi32(last, shift_in, carry);
-    const __m512i cell_hi = _mm512_max_epi32(first, cell_lo);
-    carry = last;
-    _mm512_storeu_si512(window_start + j, cell_hi);
-    _mm512_storeu_si512(window_end + j, last);
-    // Padding cells past the last code are empty; their code is clamped so q * scale stays finite.
-    const __m512 q = _mm512_min_ps(_mm512_add_ps(_mm512_set1_ps(c.lo + static_cast<float>(j)), lanes), top_code);
-    const __m512 deq_ps = _mm512_mul_ps(q, scale_ps);
-    for (int h = 0; h < 2; ++h) {
-      const __m256i lo_idx = h ? _mm512_extracti64x4_epi64(cell_lo, 1) : _mm512_castsi512_si256(cell_lo);
-      const __m256i hi_idx = h ? _mm512_extracti64x4_epi64(cell_hi, 1) : _mm512_castsi512_si256(cell_hi);
-      const __m512d deq = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(deq_ps, 1) : _mm512_castps512_ps256(deq_ps));
-      const __m512d s2 = _mm512_sub_pd(_mm512_i32gather_pd(hi_idx, p2, 8), _mm512_i32gather_pd(lo_idx, p2, 8));
-      const __m512d s1 = _mm512_sub_pd(_mm512_i32gather_pd(hi_idx, p1, 8), _mm512_i32gather_pd(lo_idx, p1, 8));
-      const __m512d cross = _mm512_mul_pd(_mm512_add_pd(deq, deq), s1);
-      const __m512d nd2 = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_sub_epi32(hi_idx, lo_idx)), _mm512_mul_pd(deq, deq));
-      cells = _mm512_add_pd(cells, _mm512_add_pd(_mm512_sub_pd(s2, cross), nd2));
-      mag = _mm512_add_pd(mag, _mm512_add_pd(_mm512_add_pd(s2, _mm512_abs_pd(cross)), nd2));
-    }
-  }
-  ScreenedError r;
-  const double cell_sum = _mm512_reduce_add_pd(cells), mag_sum = _mm512_reduce_add_pd(mag);
-  if (cell_sum - binned_radius(bg, c, cell_sum, mag_sum, 0.0, n_cells, 0) > abandon_above) {
-    r.value = HUGE_VAL;
-    return r;
-  }
-  // Windows [cell end j, last of boundary j) may hold either code: element by element.
-  const __m512d inv_s = _mm512_set1_pd(1.0 / static_cast<double>(c.scale));
-  const __m256 scale8 = _mm256_set1_ps(c.scale), lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
-  const float* y = bg.grouped.data();
-  __m512d acc = _mm512_setzero_pd();
-  std::size_t n_window = 0;
-  for (std::size_t j = 0; j < n_bounds; ++j) {
-    const int32_t a = window_start[j], b = window_end[j];
-    acc = window_error_avx512(y, a, b, inv_s, scale8, lo, hi, acc);
-    n_window += static_cast<std::size_t>(b - a);
-  }
-  const double elems = _mm512_reduce_add_pd(acc);
-  r.value = cell_sum + elems;
-  r.radius = binned_radius(bg, c, r.value, mag_sum, elems, n_cells, n_window);
-  return r;
-}
-#endif
-
-// The error of candidate c from the bins (see BinnedGroup), with its rounding radius. A candidate that
-// provably has a larger error than `abandon_above` may come back as HUGE_VAL instead.
-inline ScreenedError binned_mse(BinnedGroup& bg, const Candidate& c, Isa isa, double abandon_above) {
-#ifdef PYQSHARE_QUANT_X86
-  if (isa == Isa::kAvx512) return binned_mse_avx512(bg, c, abandon_above);
-  if (isa != Isa::kPortable) return binned_mse_avx2(bg, c, abandon_above);
-#endif
-  (void)isa;
-  (void)abandon_above;
-  return binned_mse_scalar(bg, c);
-}
 
 // Per-task scratch reused across the groups of a task (no allocation per group once grown).
 struct SearchScratch {
@@ -1059,24 +1103,32 @@ struct SearchScratch {
   std::vector<float> screen_sum;
   std::vector<int> order;
   std::vector<std::size_t> top;
-  BinnedGroup bins;
-  std::vector<ScreenedError> screened;
+  HistogramGroup hist;
+  std::vector<ErrorBounds> bounds;
+  std::vector<char> ruled_out;
   float top_x[kLanes];
   double top_w[kLanes];
 };
 
 #ifdef PYQSHARE_QUANT_X86
-// Appends the indices k with |x[k]| >= threshold (few: the scan is a vector compare per 8 elements).
+// Appends the indices k with |x[k]| >= threshold (few: the scan tests 32 elements per branch).
 PYQSHARE_AVX2 inline void indices_at_least_avx2(const float* x, std::size_t n, float threshold,
                                                 std::vector<std::size_t>& out) {
   const __m256 t = _mm256_set1_ps(threshold), sign = _mm256_set1_ps(-0.0f);
   std::size_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    unsigned mask = static_cast<unsigned>(
-        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)), t, _CMP_GE_OQ)));
-    while (mask) {
-      out.push_back(k + static_cast<std::size_t>(__builtin_ctz(mask)));
-      mask &= mask - 1;
+  for (; k + 32 <= n; k += 32) {
+    __m256 hit[4];
+    for (int j = 0; j < 4; ++j) {
+      hit[j] = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k + 8 * j)), t, _CMP_GE_OQ);
+    }
+    if (_mm256_testz_ps(_mm256_or_ps(_mm256_or_ps(hit[0], hit[1]), _mm256_or_ps(hit[2], hit[3])),
+                        _mm256_castsi256_ps(_mm256_set1_epi32(-1)))) {
+      continue;
+    }
+    for (int j = 0; j < 4; ++j) {
+      for (unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(hit[j])); mask; mask &= mask - 1) {
+        out.push_back(k + 8 * j + static_cast<std::size_t>(__builtin_ctz(mask)));
+      }
     }
   }
   for (; k < n; ++k) {
@@ -1108,15 +1160,11 @@ inline void largest_elements(const GroupData& g, double m, Isa isa, std::vector<
   }
 }
 
-// Binned screening pays off when a group has many elements per cell (a cell: one code).
-// (At most 2^20 elements: the scratch holds two float64 prefix arrays of the group's size.)
-inline bool use_bins(const GroupData& g, const SearchConfig& cfg) {
+// Histogram bounds pay off when a group has many elements per cell (a cell: one code). (At most 2^20
+// elements: beyond that the rounding radius of the prefix sums grows too wide to be useful.)
+inline bool use_histogram(const GroupData& g, const SearchConfig& cfg) {
   return cfg.squared() && !g.w && cfg.bits <= 12 && g.n >= (std::size_t{64} << cfg.bits) && g.n <= (std::size_t{1} << 20);
 }
-
-// About four elements per bin: a straddling bin still fits one eight-element window step, and the bin
-// prefix and cursors cost a quarter of the elements.
-inline std::size_t bin_count(std::size_t n) { return std::max<std::size_t>(1, n / 4); }
 
 // The candidates outward from the one with the smallest estimate, the two sides merged by estimate: the
 // error is roughly unimodal in the index, so this is close to sorting by estimate at a fraction of the cost.
@@ -1156,7 +1204,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   screen.enabled = isa != Isa::kPortable && cfg.squared() && g.n <= 65536 && std::max(-st.xmin, st.xmax) <= 1e15;
   sc.w32 = nullptr;
   if (screen.enabled) {
-    double wx2 = st.weighted_x2;
+    double wx2 = st.sum_sq;
     if (g.w) {
       sc.w32_buf.resize(g.n);
       wx2 = 0.0;
@@ -1177,7 +1225,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   sc.order.resize(n_cand);
   std::iota(sc.order.begin(), sc.order.end(), 0);
   const bool screened_all = screen.enabled && g.n <= kSmallGroup;
-  const bool binned = !screened_all && use_bins(g, cfg);
+  const bool binned = !screened_all && use_histogram(g, cfg);
 #ifdef PYQSHARE_QUANT_X86
   if (screened_all) {
     // Screening sums of all candidates: their order is the evaluation order, and they prune below.
@@ -1192,20 +1240,13 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   {
     // Lower bound of every candidate: its exact error on the largest elements alone. Summation order
     // differs from the full sum, so a relative margin covers the rounding of both sums.
-    if (binned) {
-      // The bins hold the group in value order (up to the order inside a bin): the ends hold the
-      // largest |x| (any subset gives a valid bound), without another pass over the group.
-      sc.bins.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), bin_count(g.n), isa);
-      sc.bins.extremes(kLanes, sc.top_x);
-    } else {
-      largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
-      for (std::size_t j = 0; j < sc.top.size(); ++j) {
-        sc.top_x[j] = g.x[sc.top[j]];
-        sc.top_w[j] = g.w ? g.w[sc.top[j]] : 1.0;
-      }
+    largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
+    for (std::size_t j = 0; j < sc.top.size(); ++j) {
+      sc.top_x[j] = g.x[sc.top[j]];
+      sc.top_w[j] = g.w ? g.w[sc.top[j]] : 1.0;
     }
     GroupData top;
-    top.n = binned ? kLanes : sc.top.size();
+    top.n = sc.top.size();
     top.x = sc.top_x;
     top.w = g.w ? sc.top_w : nullptr;
     const double margin = 1.0 - (1e-9 + 4.0 * static_cast<double>(g.n) * DBL_EPSILON);
@@ -1226,22 +1267,45 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     }
   }
   if (binned) {
-    // Screen candidates by estimate, pruning by the lower bound; then only those whose screened error can
-    // still be the smallest are evaluated exactly, smallest screened error first.
-    order_outward(sc.estimate, sc.order);
-    sc.screened.assign(n_cand, ScreenedError{HUGE_VAL, 0.0});
-    double best_upper = HUGE_VAL;
-    for (int i : sc.order) {
-      if (sc.bound[i] > best_upper) continue;
-      sc.screened[i] = binned_mse(sc.bins, sc.cand[i], isa, best_upper);
-      best_upper = std::min(best_upper, sc.screened[i].value + sc.screened[i].radius);
+    // Histogram bounds: first the most promising candidate and its neighbours, then each side from its
+    // far end inwards, where a bound carries over to the next candidates (ShiftBound) until it drops to
+    // the best upper bound. Only candidates whose lower bound does not exceed the best upper bound are
+    // evaluated exactly, smallest upper bound first.
+    sc.hist.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), st.sum_sq, isa);
+    const ShiftBound shift(sc.hist);
+    sc.bounds.assign(n_cand, ErrorBounds());
+    sc.ruled_out.assign(n_cand, 0);
+    double best_upper = HUGE_VAL, thr = HUGE_VAL;
+    const auto bound_one = [&](int i) {
+      if (sc.bound[i] > best_upper) return false;
+      sc.bounds[i] = histogram_bounds(sc.hist, sc.cand[i], isa);
+      sc.bound[i] = std::max(sc.bound[i], sc.bounds[i].lower);
+      if (sc.bounds[i].upper < best_upper) {
+        best_upper = sc.bounds[i].upper;
+        thr = shift.threshold(best_upper);
+      }
+      return true;
+    };
+    const int center = static_cast<int>(std::min_element(sc.estimate.begin(), sc.estimate.end()) - sc.estimate.begin());
+    for (int i = std::max(center - 1, 0); i <= std::min(center + 1, n_cand - 1); ++i) bound_one(i);
+    for (int step : {1, -1}) {
+      int from = -1;  // the last candidate bounded on this side
+      double root_from = 0.0;
+      for (int i = step > 0 ? 0 : n_cand - 1; step > 0 ? i < center - 1 : i > center + 1; i += step) {
+        if (from >= 0 && shift.rules_out(sc.cand[from], root_from, sc.cand[i], thr)) {
+          sc.ruled_out[i] = 1;
+        } else if (bound_one(i)) {
+          from = i;
+          root_from = shift.root(sc.bound[i]);
+        }
+      }
     }
     sc.order.clear();
     for (int i = 0; i < n_cand; ++i) {
-      if (sc.screened[i].value - sc.screened[i].radius <= best_upper) sc.order.push_back(i);
+      if (!sc.ruled_out[i] && sc.bound[i] <= best_upper) sc.order.push_back(i);
     }
     std::sort(sc.order.begin(), sc.order.end(), [&](int a, int b) {
-      return sc.screened[a].value < sc.screened[b].value || (sc.screened[a].value == sc.screened[b].value && a < b);
+      return sc.bounds[a].upper < sc.bounds[b].upper || (sc.bounds[a].upper == sc.bounds[b].upper && a < b);
     });
   } else if (screened_all) {
     // The most promising candidate first, the others in index order: they are mostly pruned anyway.
@@ -1258,7 +1322,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     if (best < n_cand) {
       if (sc.bound[i] > best_error) continue;
       if (binned) {
-        // Survivors of the binned screen need no further screening.
+        // Survivors of the histogram bounds need no further screening.
       } else if (screened_all) {
         if (sc.screen_sum[i] > screen.threshold(best_error, sc.cand[i].scale)) continue;
       } else if (screen.enabled &&
@@ -1276,7 +1340,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     }
   }
   Candidate winner = sc.cand[best];
-  if (cfg.refine) winner = refine(g, winner, best_error, cfg, isa, best_sums);
+  if (cfg.refine) winner = refine(g, winner, best_error, cfg, isa, best_sums, binned ? &sc.hist : nullptr);
   return {winner.scale, winner.zero_point};
 }
 
@@ -1346,16 +1410,19 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
   if (n) lo = hi = g.x[0];
 #ifdef PYQSHARE_QUANT_X86
   if (n && isa != Isa::kPortable) {
-    finite = prepare_avx2(g.x, n, lo, hi, st.weighted_x2);
+    finite = prepare_avx2(g.x, n, lo, hi, st.sum_sq);
   } else
 #endif
   {
+    double sq = 0.0;
     for (std::size_t j = 0; j < n; ++j) {
       const float v = g.x[j];
       finite &= std::isfinite(v);
       lo = std::min(lo, v);
       hi = std::max(hi, v);
+      sq += static_cast<double>(v) * v;
     }
+    st.sum_sq = sq;
   }
   if (!finite) {
     throw std::invalid_argument("w must be finite: group " + std::to_string(gi) +
