@@ -652,7 +652,7 @@ struct HistogramGroup {
   std::size_t n = 0, nbins = 0;
   bool valid = false;  // false: a zero or subnormal value range (one bin would hold everything)
   float origin = 0.0f, inv_width = 0.0f;
-  double width = 0.0, xmin = 0.0, xmax = 0.0, sum_sq = 0.0, fix = 1.0;
+  double width = 0.0, xmin = 0.0, xmax = 0.0, sum_sq = 0.0, fix = 1.0, unfix = 1.0;
   double unit_error = 0.0;  // bound on the fixed-point error of one element (0.5 / fix)
   std::vector<int64_t> prefix;  // nbins + 1 entries
 
@@ -670,7 +670,7 @@ struct HistogramGroup {
   }
   double sum_below(int64_t b) const {
     const int64_t count = (prefix[b] + (int64_t{1} << (kCountShift - 1))) >> kCountShift;
-    return static_cast<double>(prefix[b] - (count << kCountShift)) / fix;
+    return static_cast<double>(prefix[b] - (count << kCountShift)) * unfix;
   }
   // Every element of bin b lies in [lowest(b), highest(b)]: bin() has at most three float32 roundings.
   double lowest(int64_t b) const {
@@ -684,29 +684,12 @@ struct HistogramGroup {
   void build(const float* x, std::size_t count_in, float lo, float hi, double sum_of_squares, Isa isa);
 };
 
-// One bin per element: the windows then hold about one element each where the values are dense.
-inline std::size_t bin_count(std::size_t n) { return std::min<std::size_t>(std::max<std::size_t>(n, 16), 1 << 16); }
-
-#ifdef PYQSHARE_QUANT_X86
-// The bin() of n values, eight per step.
-PYQSHARE_AVX2 inline void bin_indices_avx2(const float* x, std::size_t n, float origin, float inv_width, float top,
-                                           uint32_t* out) {
-  const __m256 o = _mm256_set1_ps(origin), inv = _mm256_set1_ps(inv_width), t = _mm256_set1_ps(top);
-  const __m256 zero = _mm256_setzero_ps();
-  std::size_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    // max_ps returns its second operand (0) for NaN, as bin() does.
-    const __m256 f = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + k), o), inv), zero), t);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm256_cvttps_epi32(f));
-  }
-  for (; k < n; ++k) {
-    float f = (x[k] - origin) * inv_width;
-    f = f > 0.0f ? f : 0.0f;
-    out[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
-  }
+// About two elements per bin while the packed prefix sums (8 bytes per bin) fit a 16 KB cache budget
+// (the histogram's read-modify-writes slow down sharply beyond it); large groups get finer bins, which
+// leave fewer candidates for their expensive exact evaluation.
+inline std::size_t bin_count(std::size_t n) {
+  return std::min<std::size_t>(std::max<std::size_t>(16, std::min(n / 2, std::max<std::size_t>(2048, n / 8))), 1 << 16);
 }
-
-#endif
 
 // v rounded to the nearest integer (ties to even), for |v| < 2^51: the addition rounds at the units.
 inline int64_t round_to_int64(double v) {
@@ -715,6 +698,42 @@ inline int64_t round_to_int64(double v) {
   std::memcpy(&bits, &t, sizeof bits);
   return bits - int64_t{0x4338000000000000};
 }
+
+#ifdef PYQSHARE_QUANT_X86
+// round_to_int64 of four float64 values (|v| < 2^51).
+PYQSHARE_AVX2 inline __m256i round_to_int64_avx2(__m256d v) {
+  const __m256d magic = _mm256_set1_pd(0x1.8p52);
+  return _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(v, magic)), _mm256_castpd_si256(magic));
+}
+
+// The bin() and packed value (one count plus the fixed-point value) of n elements, eight per step.
+PYQSHARE_AVX2 inline void pack_elements_avx2(const float* x, std::size_t n, float origin, float inv_width, float top,
+                                             double fix, uint32_t* bins, int64_t* values) {
+  const __m256 o = _mm256_set1_ps(origin), inv = _mm256_set1_ps(inv_width), t = _mm256_set1_ps(top);
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256d scale = _mm256_set1_pd(fix);
+  const __m256i one = _mm256_set1_epi64x(int64_t{1} << HistogramGroup::kCountShift);
+  std::size_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    // max_ps returns its second operand (0) for NaN, as bin() does.
+    const __m256 f = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(v, o), inv), zero), t);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bins + k), _mm256_cvttps_epi32(f));
+    const __m256d lo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), scale);
+    const __m256d hi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), scale);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + k), _mm256_add_epi64(one, round_to_int64_avx2(lo)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + k + 4), _mm256_add_epi64(one, round_to_int64_avx2(hi)));
+  }
+  for (; k < n; ++k) {
+    float f = (x[k] - origin) * inv_width;
+    f = f > 0.0f ? f : 0.0f;
+    bins[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+    values[k] = (int64_t{1} << HistogramGroup::kCountShift) + round_to_int64(static_cast<double>(x[k]) * fix);
+  }
+}
+
+#endif
+
 
 inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo, float hi, double sum_of_squares,
                                   Isa isa) {
@@ -733,21 +752,23 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
   int exponent = 0;
   std::frexp(std::sqrt(static_cast<double>(n) * sum_sq * 1.001), &exponent);
   fix = std::ldexp(1.0, 40 - exponent);
-  unit_error = 0.5 / fix;
-  prefix.assign(nbins + 1, 0);
-  // Bins in blocks (a small buffer); local pointers: stores through them could otherwise alias the members.
-  constexpr std::size_t kBlock = 1024;
+  unfix = std::ldexp(1.0, exponent - 40);
+  unit_error = 0.5 * unfix;
+  prefix.resize(nbins + 1);
+  std::fill(prefix.begin(), prefix.end(), int64_t{0});
+  // Blocks of bins and packed values (small buffers); local pointers: stores through them could otherwise
+  // alias the members.
+  constexpr std::size_t kBlock = 512;
   uint32_t bins[kBlock];
+  int64_t values[kBlock];
   int64_t* __restrict p = prefix.data() + 1;
   const float o = origin, inv = inv_width, top = static_cast<float>(nbins - 1);
-  const double scale = fix;
-  constexpr int64_t one = int64_t{1} << kCountShift;
   for (std::size_t k0 = 0; k0 < n; k0 += kBlock) {
     const std::size_t m = std::min(kBlock, n - k0);
     const float* xb = x + k0;
 #ifdef PYQSHARE_QUANT_X86
     if (isa != Isa::kPortable) {
-      bin_indices_avx2(xb, m, o, inv, top, bins);
+      pack_elements_avx2(xb, m, o, inv, top, fix, bins, values);
     } else
 #endif
     {
@@ -755,20 +776,32 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
         float f = (xb[k] - o) * inv;  // as bin()
         f = f > 0.0f ? f : 0.0f;
         bins[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+        values[k] = (int64_t{1} << kCountShift) + round_to_int64(static_cast<double>(xb[k]) * fix);
       }
     }
-    for (std::size_t k = 0; k < m; ++k) p[bins[k]] += one + round_to_int64(static_cast<double>(xb[k]) * scale);
+    for (std::size_t k = 0; k < m; ++k) p[bins[k]] += values[k];
   }
-  // Inclusive prefix sums over four interleaved quarters (independent chains), then each quarter shifted
-  // by the totals before it. Integer sums: exact in any order.
+  // Inclusive prefix sums over four interleaved quarters (independent chains in registers), then each
+  // quarter shifted by the totals before it. Integer sums: exact in any order.
   int64_t* __restrict q = prefix.data();
   const std::size_t len = nbins + 1, quarter = len / 4;
-  for (std::size_t j = 1; j < quarter; ++j) {
-    for (std::size_t part = 0; part < 4; ++part) q[part * quarter + j] += q[part * quarter + j - 1];
+  int64_t* __restrict q0 = q;
+  int64_t* __restrict q1 = q + quarter;
+  int64_t* __restrict q2 = q + 2 * quarter;
+  int64_t* __restrict q3 = q + 3 * quarter;
+  int64_t r0 = 0, r1 = 0, r2 = 0, r3 = 0;
+  for (std::size_t j = 0; j < quarter; ++j) {
+    q0[j] = r0 += q0[j];
+    q1[j] = r1 += q1[j];
+    q2[j] = r2 += q2[j];
+    q3[j] = r3 += q3[j];
   }
-  for (std::size_t part = 1; part < 4; ++part) {
-    const int64_t offset = q[part * quarter - 1];
-    for (std::size_t j = part * quarter; j < (part + 1) * quarter; ++j) q[j] += offset;
+  r1 += r0;
+  r2 += r1;
+  for (std::size_t j = 0; j < quarter; ++j) {
+    q1[j] += r0;
+    q2[j] += r1;
+    q3[j] += r2;
   }
   for (std::size_t j = 4 * quarter; j < len; ++j) q[j] += q[j - 1];
 }
@@ -890,7 +923,7 @@ PYQSHARE_AVX512 inline ErrorBounds histogram_bounds_avx512(const HistogramGroup&
   const __m512i minus_one = _mm512_set1_epi32(-1), nbins = _mm512_set1_epi32(static_cast<int32_t>(h.nbins));
   const long long* prefix = reinterpret_cast<const long long*>(h.prefix.data());
   const __m512i round_count = _mm512_set1_epi64(int64_t{1} << (HistogramGroup::kCountShift - 1));
-  const __m512d unfix = _mm512_set1_pd(1.0 / h.fix);
+  const __m512d unfix = _mm512_set1_pd(h.unfix);
   __m512d lower = zero_d, upper = zero_d;
   __m512i carry_from = _mm512_setzero_si512();
   __m512d carry_count = zero_d, carry_sum = zero_d;  // lane 7: count and sum below the previous window's end
@@ -986,31 +1019,41 @@ inline ErrorBounds histogram_bounds(const HistogramGroup& h, const Candidate& c,
 // |q| <= min(|x| / s_j + 1/2, hmax_j). A bound far above the best one thus rules out several neighbours.
 // (Comparisons use squares: no square root or division per neighbour.)
 struct ShiftBound {
-  double n = 0.0, sum_sq = 0.0, abs_sum = 0.0, g = 0.0, eta_x = 0.0, eta_d = 0.0;
-  explicit ShiftBound(const HistogramGroup& h) : n(static_cast<double>(h.n)) {
+  double g = 0.0, shrink = 0.0;
+  // Per candidate: its eta part as the source (HUGE_VAL: its dequantized values may overflow) and as the
+  // target, and (sum q^2) s^2 as the target.
+  std::vector<double> eta_from, eta_to, q2s2;
+
+  void prepare(const HistogramGroup& h, const std::vector<Candidate>& cand) {
+    const double n = static_cast<double>(h.n);
     g = 1.01 * 0x1p-53 * (n / kLanes + 16.0) + 1e-12;  // computed vs real error, as finish_bounds
-    sum_sq = h.sum_sq * (1.0 + 1e-9) * (1.0 + 0x1p-22);  // computed with at most 2^20 roundings
-    abs_sum = std::sqrt(n * sum_sq);  // sum |x| <= sqrt(n sum x^2)
-    eta_x = 0x1p-23 * std::sqrt(sum_sq);
-    eta_d = 0x1p-23 * std::sqrt(n);
+    shrink = (1.0 - 1e-12) / std::sqrt(1.0 + g);
+    const double sum_sq = h.sum_sq * (1.0 + 1e-9) * (1.0 + 0x1p-22);  // computed with at most 2^20 roundings
+    const double abs_sum = std::sqrt(n * sum_sq);                    // sum |x| <= sqrt(n sum x^2)
+    const double eta_x = 0x1p-23 * std::sqrt(sum_sq), eta_d = 0x1p-23 * std::sqrt(n);
+    const std::size_t m = cand.size();
+    eta_from.resize(m);
+    eta_to.resize(m);
+    q2s2.resize(m);
+    for (std::size_t j = 0; j < m; ++j) {
+      const float h_f = std::max(std::fabs(cand[j].lo), std::fabs(cand[j].hi));
+      const double s = cand[j].scale, hs = static_cast<double>(h_f) * s;
+      eta_from[j] = std::isfinite(h_f * cand[j].scale) ? (eta_x + eta_d * hs) * (1.0 + 1e-12) : HUGE_VAL;
+      eta_to[j] = eta_d * hs * (1.0 + 1e-12);
+      q2s2[j] = std::min(sum_sq + abs_sum * s + 0.25 * n * s * s, n * hs * hs) * (1.0 + 1e-12);
+    }
   }
   // sqrt of the real error of a candidate whose computed error is at least `lower`, rounded down.
-  double root(double lower) const { return lower > 0.0 ? std::sqrt(lower / (1.0 + g)) * (1.0 - 1e-12) : 0.0; }
+  double root(double lower) const { return lower > 0.0 ? std::sqrt(lower) * shrink : 0.0; }
   // A root above this makes the computed error exceed `best_upper`.
   double threshold(double best_upper) const { return std::sqrt(best_upper / ((1.0 - g) * (1.0 - 1e-12))) * (1.0 + 1e-12); }
-  // Whether sqrt(E_j) > `threshold`, given root(lower bound of E_i) = `root_i`.
-  bool rules_out(const Candidate& ci, double root_i, const Candidate& cj, double thr) const {
+  // Whether sqrt(E_j) > `thr`, given root(lower bound of E_i) = `root_i`.
+  bool rules_out(const std::vector<Candidate>& cand, int i, double root_i, int j, double thr) const {
+    const Candidate &ci = cand[i], &cj = cand[j];
     if (cj.lo < ci.lo || cj.hi > ci.hi) return false;
-    const float hi_f = std::max(std::fabs(ci.lo), std::fabs(ci.hi));
-    if (!std::isfinite(hi_f * ci.scale)) return false;  // i's dequantized values may overflow
-    const double si = ci.scale, sj = cj.scale, hj = std::max(std::fabs(cj.lo), std::fabs(cj.hi));
-    const double eta = eta_x + eta_d * (static_cast<double>(hi_f) * si + hj * sj);
-    const double slack = root_i - eta * (1.0 + 1e-12) - thr;  // what |s_i - s_j| sqrt(sum q^2) may take
-    if (!(slack > 0.0)) return false;
-    // (sum q^2) s_j^2 is at most this:
-    const double q2s2 = std::min(sum_sq + abs_sum * sj + 0.25 * n * sj * sj, n * hj * hj * sj * sj);
-    const double shift = si - sj;
-    return shift * shift * q2s2 * (1.0 + 1e-12) < (slack * sj) * (slack * sj) * (1.0 - 1e-12);
+    const double slack = root_i - eta_from[i] - eta_to[j] - thr;  // what |s_i - s_j| sqrt(sum q^2) may take
+    const double sj = cj.scale, shift = static_cast<double>(ci.scale) - sj;
+    return slack > 0.0 && shift * shift * q2s2[j] < (slack * sj) * (slack * sj) * (1.0 - 1e-12);
   }
 };
 
@@ -1027,11 +1070,41 @@ inline void refine_sums_scalar(const GroupData& g, const Candidate& c, double& n
   den = reduce_lanes(den_lane);
 }
 
+// What the fast search knows of a group, to decide the refinement without evaluating it when it can.
+struct RefineHint {
+  double weighted_sum_sq = 0.0;  // sum w x^2
+  double weight_sum = 0.0;       // sum w
+  const HistogramGroup* hist = nullptr;
+};
+
+// Whether candidate c (the winner's zero point, scale s) provably has a computed error of at most
+// `best_error`, from the winner's sums. With the winner's codes q, F(s) = sum w (x - q s)^2 =
+// Sxx - 2 s num + s^2 den; the reference's codes at s are the nearest up to a rounding of x / s, and
+// D = f32(q' s) rounds (|q' s| <= |x| + s), so per element |d| <= |x - q s| + 2^-23 |x| + 2^-24 (|x| + s)
+// and, by Minkowski, sqrt(E) <= sqrt(F(s)) + 1.5 2^-23 sqrt(sum w x^2) + 2^-24 s sqrt(sum w). F carries
+// the rounding of num and den (lane sums: (n / 16 + 8) u of their magnitudes, sum |w q x| <= sqrt(den Sxx))
+// and of its own terms. (The refinement nearly always lowers F by far more than these margins.)
+inline bool refined_not_worse(double num, double den, const RefineHint& hint, std::size_t n, const Candidate& c,
+                              double best_error) {
+  constexpr double u = 0x1p-53;
+  const double s = c.scale, sxx = hint.weighted_sum_sq * (1.0 + 1e-9);  // at most 2^20 roundings
+  const double gamma = 1.01 * u * (static_cast<double>(n) / kLanes + 8.0);
+  const double f = sxx - 2.0 * s * num + s * s * den;
+  const double f_error = 8.0 * u * (sxx + 2.0 * s * std::fabs(num) + s * s * den) +
+                         gamma * (2.0 * s * std::sqrt(den * sxx) + s * s * den);
+  const float hmax = std::max(std::fabs(c.lo), std::fabs(c.hi));
+  if (!std::isfinite(hmax * c.scale)) return false;  // dequantized values may overflow
+  const double eta = 1.5 * 0x1p-23 * std::sqrt(sxx) + 0x1p-24 * s * std::sqrt(hint.weight_sum);
+  const double root = std::sqrt(std::max(f + f_error, 0.0)) + eta;
+  const double g = 1.01 * u * (static_cast<double>(n) / kLanes + 16.0) + 1e-12;  // computed vs real error
+  return root * root * (1.0 + g) * (1.0 + 1e-12) <= best_error;
+}
+
 // Least-squares scale for the winner's codes with its zero point kept; replaces it when not worse.
 // `known`: the winner's sums when its evaluation produced them (equal to refine_sums_scalar's);
-// `hist`: the group's histogram, whose bounds often decide without an exact evaluation.
+// `hint` (the fast search): facts that often decide without an exact evaluation.
 inline Candidate refine(const GroupData& g, const Candidate& best, double best_error, const SearchConfig& cfg,
-                        Isa isa, const RefineSums& known = RefineSums(), const HistogramGroup* hist = nullptr) {
+                        Isa isa, const RefineSums& known = RefineSums(), const RefineHint* hint = nullptr) {
   double num = known.num, den = known.den;
   if (!known.valid) refine_sums_scalar(g, best, num, den);
   if (!(den > 0.0)) return best;
@@ -1040,10 +1113,13 @@ inline Candidate refine(const GroupData& g, const Candidate& best, double best_e
   const float scale = std::max(static_cast<float>(std::min(s, static_cast<double>(FLT_MAX))), FLT_MIN);
   if (scale == best.scale) return best;
   const Candidate c = with_scale(best, scale);
-  if (hist) {
-    const ErrorBounds b = histogram_bounds(*hist, c, isa);
-    if (b.upper <= best_error) return c;
-    if (b.lower > best_error) return best;
+  if (hint) {
+    if (cfg.squared() && refined_not_worse(num, den, *hint, g.n, c, best_error)) return c;
+    if (hint->hist) {
+      const ErrorBounds b = histogram_bounds(*hint->hist, c, isa);
+      if (b.upper <= best_error) return c;
+      if (b.lower > best_error) return best;
+    }
   }
   const EvalResult r = evaluate(g, c, cfg, isa, best_error, false);
   return (r.complete && r.error <= best_error) ? c : best;
@@ -1051,6 +1127,7 @@ inline Candidate refine(const GroupData& g, const Candidate& best, double best_e
 
 struct GroupStats {
   double xmin = 0.0, xmax = 0.0, weight_sum = 0.0;
+  double weighted_sum_sq = 0.0;  // sum(w x^2)
   double sum_sq = 0.0;  // sum(x^2)
 };
 
@@ -1104,6 +1181,7 @@ struct SearchScratch {
   std::vector<int> order;
   std::vector<std::size_t> top;
   HistogramGroup hist;
+  ShiftBound shift;
   std::vector<ErrorBounds> bounds;
   std::vector<char> ruled_out;
   float top_x[kLanes];
@@ -1204,18 +1282,12 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   screen.enabled = isa != Isa::kPortable && cfg.squared() && g.n <= 65536 && std::max(-st.xmin, st.xmax) <= 1e15;
   sc.w32 = nullptr;
   if (screen.enabled) {
-    double wx2 = st.sum_sq;
     if (g.w) {
       sc.w32_buf.resize(g.n);
-      wx2 = 0.0;
-      for (std::size_t k = 0; k < g.n; ++k) {
-        sc.w32_buf[k] = static_cast<float>(g.w[k]);
-        const double v = g.x[k];
-        wx2 += g.w[k] * v * v;
-      }
+      for (std::size_t k = 0; k < g.n; ++k) sc.w32_buf[k] = static_cast<float>(g.w[k]);
       sc.w32 = sc.w32_buf.data();
     }
-    screen.xnorm = std::sqrt(wx2);
+    screen.xnorm = std::sqrt(st.weighted_sum_sq);
     screen.wroot = std::sqrt(in_range_weight);
     screen.gamma = (static_cast<double>(g.n) / 2.0 + 64.0) * 0x1p-23;
   }
@@ -1272,7 +1344,8 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     // the best upper bound. Only candidates whose lower bound does not exceed the best upper bound are
     // evaluated exactly, smallest upper bound first.
     sc.hist.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), st.sum_sq, isa);
-    const ShiftBound shift(sc.hist);
+    ShiftBound& shift = sc.shift;
+    shift.prepare(sc.hist, sc.cand);
     sc.bounds.assign(n_cand, ErrorBounds());
     sc.ruled_out.assign(n_cand, 0);
     double best_upper = HUGE_VAL, thr = HUGE_VAL;
@@ -1292,7 +1365,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
       int from = -1;  // the last candidate bounded on this side
       double root_from = 0.0;
       for (int i = step > 0 ? 0 : n_cand - 1; step > 0 ? i < center - 1 : i > center + 1; i += step) {
-        if (from >= 0 && shift.rules_out(sc.cand[from], root_from, sc.cand[i], thr)) {
+        if (from >= 0 && shift.rules_out(sc.cand, from, root_from, i, thr)) {
           sc.ruled_out[i] = 1;
         } else if (bound_one(i)) {
           from = i;
@@ -1340,7 +1413,13 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     }
   }
   Candidate winner = sc.cand[best];
-  if (cfg.refine) winner = refine(g, winner, best_error, cfg, isa, best_sums, binned ? &sc.hist : nullptr);
+  if (cfg.refine) {
+    RefineHint hint;
+    hint.weighted_sum_sq = st.weighted_sum_sq;
+    hint.weight_sum = in_range_weight;
+    hint.hist = binned ? &sc.hist : nullptr;
+    winner = refine(g, winner, best_error, cfg, isa, best_sums, &hint);
+  }
   return {winner.scale, winner.zero_point};
 }
 
@@ -1428,8 +1507,15 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
     throw std::invalid_argument("w must be finite: group " + std::to_string(gi) +
                                 " holds NaN or Inf (replace or mask them before the search)");
   }
+  st.weighted_sum_sq = st.sum_sq;
   if (sw.w) {
-    for (std::size_t j = 0; j < n; ++j) wsum += buf.w[j];
+    double wx2 = 0.0;
+    for (std::size_t j = 0; j < n; ++j) {
+      wsum += buf.w[j];
+      const double v = g.x[j];
+      wx2 += buf.w[j] * v * v;
+    }
+    st.weighted_sum_sq = wx2;
   }
   st.xmin = lo;
   st.xmax = hi;
@@ -1443,7 +1529,8 @@ inline void scale_search(const float* x, const SampleWeights& sw, const ScaleLay
                          float* scale_out, int32_t* zero_point_out, int num_threads, bool reference, Isa isa) {
   const std::size_t groups = n_groups(lay);
   const std::size_t group_size = groups ? lay.size() / groups : 0;
-  const std::size_t per_task = std::max<std::size_t>(1, (std::size_t{1} << 14) / std::max<std::size_t>(group_size, 1));
+  // Tasks of about 2^16 elements: the scratch buffers are set up once per task.
+  const std::size_t per_task = std::max<std::size_t>(1, (std::size_t{1} << 16) / std::max<std::size_t>(group_size, 1));
   const Isa use = resolve_isa(isa);
   parallel_for(n_chunks(groups, per_task), num_threads, [&](std::size_t task) {
     GroupBuffers buf;
