@@ -127,6 +127,16 @@ inline double element_diff(float x, const Candidate& c) {
   return static_cast<double>(x) - static_cast<double>(deq);
 }
 
+// At least one element's screening difference squared, as the screening kernels compute it: their code is
+// x * f32(1 / scale) rounded to even (here in float64: exact and without a library call) and their
+// difference the float32 rounding of x - code * scale.
+inline double screen_term_upper(float x, const Candidate& c) {
+  const double t = static_cast<double>(x * (1.0f / c.scale));
+  const double q = (t + 0x1.8p52) - 0x1.8p52;  // |t| < 2^51: rounds at the units
+  const double d = static_cast<double>(x) - q * static_cast<double>(c.scale);
+  return d * d * (1.0 + 0x1p-22);
+}
+
 // Lane sums of w*q*x and w*q*q of one candidate (q: its offset codes), as refine_sums_scalar defines them.
 struct RefineSums {
   double num = 0.0, den = 0.0;
@@ -429,13 +439,14 @@ PYQSHARE_AVX512 inline void top_errors_avx512(const GroupData& g, const Candidat
 }
 
 // Screening: a float32 version of the mse sum (x * (1/scale) in float32, fused x - q*scale, float32
-// lanes) that is 3-5x cheaper than the exact sum. It only decides abandonment: it returns true once its
-// prefix sum exceeds `threshold`, which ScreenBound sets so that this proves the exact error exceeds the
-// best one (see ScreenBound). A candidate that survives screening is then evaluated exactly.
+// lanes) that is several times cheaper than the exact sum. Codes are not clamped: an element beyond the
+// range then counts at most s / 2, no more than its real difference, so the sum stays a lower bound (the
+// clipping of the largest elements is added back through the threshold, see screen_threshold). It only
+// decides abandonment: it returns true once its prefix sum exceeds `threshold`, which proves the exact
+// error exceeds the best one (see ScreenBound). A candidate that survives is then evaluated exactly.
 PYQSHARE_AVX512 inline bool screen_mse_avx512(const GroupData& g, const float* w32, const Candidate& c,
                                               double threshold) {
   const __m512 inv = _mm512_set1_ps(1.0f / c.scale), scale = _mm512_set1_ps(c.scale);
-  const __m512 lo = _mm512_set1_ps(c.lo), hi = _mm512_set1_ps(c.hi);
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   std::size_t k = 0;
   while (k < g.n) {
@@ -445,10 +456,8 @@ PYQSHARE_AVX512 inline bool screen_mse_avx512(const GroupData& g, const float* w
       const __mmask16 m0 = static_cast<__mmask16>(rest >= 16 ? 0xFFFF : (1u << rest) - 1);
       const __mmask16 m1 = static_cast<__mmask16>(rest > 16 ? (rest == 32 ? 0xFFFF : (1u << (rest - 16)) - 1) : 0);
       const __m512 x0 = _mm512_maskz_loadu_ps(m0, g.x + k), x1 = _mm512_maskz_loadu_ps(m1, g.x + k + 16);
-      const __m512 q0 = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x0, inv), lo), hi),
-                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 q1 = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x1, inv), lo), hi),
-                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 q0 = _mm512_roundscale_ps(_mm512_mul_ps(x0, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 q1 = _mm512_roundscale_ps(_mm512_mul_ps(x1, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const __m512 d0 = _mm512_fnmadd_ps(q0, scale, x0), d1 = _mm512_fnmadd_ps(q1, scale, x1);
       if (w32) {
         acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m0, w32 + k), d0), d0, acc0);
@@ -466,15 +475,13 @@ PYQSHARE_AVX512 inline bool screen_mse_avx512(const GroupData& g, const float* w
 PYQSHARE_AVX2 inline bool screen_mse_avx2(const GroupData& g, const float* w32, const Candidate& c,
                                           double threshold) {
   const __m256 inv = _mm256_set1_ps(1.0f / c.scale), scale = _mm256_set1_ps(c.scale);
-  const __m256 lo = _mm256_set1_ps(c.lo), hi = _mm256_set1_ps(c.hi);
   __m256 acc = _mm256_setzero_ps();
   std::size_t k = 0;
   while (k < g.n) {
     const std::size_t stop = std::min(g.n, k + kCheckEvery);
     for (; k + 8 <= stop; k += 8) {
       const __m256 x = _mm256_loadu_ps(g.x + k);
-      const __m256 q = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), lo), hi),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 q = _mm256_round_ps(_mm256_mul_ps(x, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const __m256 d = _mm256_fnmadd_ps(q, scale, x);
       acc = _mm256_fmadd_ps(w32 ? _mm256_mul_ps(_mm256_loadu_ps(w32 + k), d) : d, d, acc);
     }
@@ -483,8 +490,7 @@ PYQSHARE_AVX2 inline bool screen_mse_avx2(const GroupData& g, const float* w32, 
     float partial = 0.0f;
     for (float v : lane) partial += v;
     for (; k < stop; ++k) {  // at most 7 elements, only at the very end
-      const float q = std::nearbyint(std::min(std::max(g.x[k] * (1.0f / c.scale), c.lo), c.hi));
-      const float d = std::fma(-q, c.scale, g.x[k]);
+      const float d = std::fma(-std::nearbyint(g.x[k] * (1.0f / c.scale)), c.scale, g.x[k]);
       partial = std::fma(w32 ? w32[k] * d : d, d, partial);
     }
     if (static_cast<double>(partial) > threshold) return true;
@@ -1398,9 +1404,17 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
         // Survivors of the histogram bounds need no further screening.
       } else if (screened_all) {
         if (sc.screen_sum[i] > screen.threshold(best_error, sc.cand[i].scale)) continue;
-      } else if (screen.enabled &&
-                 screen_mse(g, sc.w32, sc.cand[i], screen.threshold(best_error, sc.cand[i].scale), isa)) {
-        continue;
+      } else if (screen.enabled) {
+        // The candidate's exact error on the largest elements (its bound) is known, so the other elements
+        // must exceed best_error - bound; the screened prefix also holds the largest elements' own
+        // (unclamped) screening terms.
+        double top_screen = 0.0;
+        for (std::size_t j = 0; j < sc.top.size(); ++j) {
+          top_screen += (g.w ? static_cast<double>(sc.w32[sc.top[j]]) : 1.0) * screen_term_upper(sc.top_x[j], sc.cand[i]);
+        }
+        const double threshold = screen.threshold(best_error - sc.bound[i], sc.cand[i].scale) +
+                                 (1.0 + screen.gamma) * (1.0 + 0x1p-40) * top_screen;
+        if (screen_mse(g, sc.w32, sc.cand[i], threshold, isa)) continue;
       }
     }
     const bool ties_lose = i > best;
