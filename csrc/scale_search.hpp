@@ -538,12 +538,10 @@ PYQSHARE_AVX2 inline void screen_candidates_avx2(const GroupData& g, const float
   }
 }
 
-// Minimum, maximum, finiteness and sum of squares of x (sixteen elements per step, independent chains).
-PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, float& lo_out, float& hi_out, double& sum_sq) {
+// Minimum, maximum and finiteness of x (sixteen elements per step, independent chains).
+PYQSHARE_AVX2 inline bool range_avx2(const float* x, std::size_t n, float& lo_out, float& hi_out) {
   __m256 lo[2], hi[2], bad = _mm256_setzero_ps();
-  __m256d sq[4];
   for (int j = 0; j < 2; ++j) lo[j] = hi[j] = _mm256_set1_ps(x[0]);
-  for (int j = 0; j < 4; ++j) sq[j] = _mm256_setzero_pd();
   std::size_t k = 0;
   for (; k + 16 <= n; k += 16) {
     for (int j = 0; j < 2; ++j) {
@@ -551,14 +549,8 @@ PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, float& lo_
       lo[j] = _mm256_min_ps(lo[j], v);
       hi[j] = _mm256_max_ps(hi[j], v);
       bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
-      const __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-      sq[2 * j] = _mm256_fmadd_pd(v0, v0, sq[2 * j]);
-      sq[2 * j + 1] = _mm256_fmadd_pd(v1, v1, sq[2 * j + 1]);
     }
   }
-  alignas(32) double sq_lane[4];
-  _mm256_store_pd(sq_lane, _mm256_add_pd(_mm256_add_pd(sq[0], sq[1]), _mm256_add_pd(sq[2], sq[3])));
-  sum_sq = (sq_lane[0] + sq_lane[1]) + (sq_lane[2] + sq_lane[3]);
   alignas(32) float l[8], h[8];
   _mm256_store_ps(l, _mm256_min_ps(lo[0], lo[1]));
   _mm256_store_ps(h, _mm256_max_ps(hi[0], hi[1]));
@@ -571,11 +563,38 @@ PYQSHARE_AVX2 inline bool prepare_avx2(const float* x, std::size_t n, float& lo_
     finite &= std::isfinite(x[k]);
     lo_out = std::min(lo_out, x[k]);
     hi_out = std::max(hi_out, x[k]);
-    sum_sq += static_cast<double>(x[k]) * x[k];
   }
   return finite;
 }
+
+// Sum of squares of x in float64 (sixteen elements per step, independent chains).
+PYQSHARE_AVX2 inline double sum_of_squares_avx2(const float* x, std::size_t n) {
+  __m256d sq[4];
+  for (int j = 0; j < 4; ++j) sq[j] = _mm256_setzero_pd();
+  std::size_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    for (int j = 0; j < 4; ++j) {
+      const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(x + k + 4 * j));
+      sq[j] = _mm256_fmadd_pd(v, v, sq[j]);
+    }
+  }
+  alignas(32) double lane[4];
+  _mm256_store_pd(lane, _mm256_add_pd(_mm256_add_pd(sq[0], sq[1]), _mm256_add_pd(sq[2], sq[3])));
+  double total = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+  for (; k < n; ++k) total += static_cast<double>(x[k]) * x[k];
+  return total;
+}
 #endif
+
+inline double sum_of_squares(const float* x, std::size_t n, Isa isa) {
+#ifdef PYQSHARE_QUANT_X86
+  if (isa != Isa::kPortable) return sum_of_squares_avx2(x, n);
+#endif
+  (void)isa;
+  double total = 0.0;
+  for (std::size_t k = 0; k < n; ++k) total += static_cast<double>(x[k]) * x[k];
+  return total;
+}
 
 inline bool screen_mse(const GroupData& g, const float* w32, const Candidate& c, double threshold, Isa isa) {
 #ifdef PYQSHARE_QUANT_X86
@@ -687,7 +706,7 @@ struct HistogramGroup {
   }
   double slack() const { return 0x1p-50 * std::fabs(static_cast<double>(origin)) + 0x1p-140; }
 
-  void build(const float* x, std::size_t count_in, float lo, float hi, double sum_of_squares, Isa isa);
+  void build(const float* x, std::size_t count_in, float lo, float hi, Isa isa);
 };
 
 // About two elements per bin while the packed prefix sums (8 bytes per bin) fit a 16 KB cache budget
@@ -712,51 +731,62 @@ PYQSHARE_AVX2 inline __m256i round_to_int64_avx2(__m256d v) {
   return _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(v, magic)), _mm256_castpd_si256(magic));
 }
 
-// The bin() and packed value (one count plus the fixed-point value) of n elements, eight per step.
-PYQSHARE_AVX2 inline void pack_elements_avx2(const float* x, std::size_t n, float origin, float inv_width, float top,
-                                             double fix, uint32_t* bins, int64_t* values) {
+// The bin() and packed value (one count plus the fixed-point value) of n elements, eight per step; returns
+// the sum of their squares.
+PYQSHARE_AVX2 inline double pack_elements_avx2(const float* x, std::size_t n, float origin, float inv_width,
+                                               float top, double fix, uint32_t* bins, int64_t* values) {
   const __m256 o = _mm256_set1_ps(origin), inv = _mm256_set1_ps(inv_width), t = _mm256_set1_ps(top);
   const __m256 zero = _mm256_setzero_ps();
   const __m256d scale = _mm256_set1_pd(fix);
   const __m256i one = _mm256_set1_epi64x(int64_t{1} << HistogramGroup::kCountShift);
+  __m256d sq0 = _mm256_setzero_pd(), sq1 = sq0;
   std::size_t k = 0;
   for (; k + 8 <= n; k += 8) {
     const __m256 v = _mm256_loadu_ps(x + k);
     // max_ps returns its second operand (0) for NaN, as bin() does.
     const __m256 f = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(v, o), inv), zero), t);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(bins + k), _mm256_cvttps_epi32(f));
-    const __m256d lo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), scale);
-    const __m256d hi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), scale);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + k), _mm256_add_epi64(one, round_to_int64_avx2(lo)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + k + 4), _mm256_add_epi64(one, round_to_int64_avx2(hi)));
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    sq0 = _mm256_fmadd_pd(lo, lo, sq0);
+    sq1 = _mm256_fmadd_pd(hi, hi, sq1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + k),
+                        _mm256_add_epi64(one, round_to_int64_avx2(_mm256_mul_pd(lo, scale))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + k + 4),
+                        _mm256_add_epi64(one, round_to_int64_avx2(_mm256_mul_pd(hi, scale))));
   }
+  alignas(32) double lane[4];
+  _mm256_store_pd(lane, _mm256_add_pd(sq0, sq1));
+  double squares = (lane[0] + lane[1]) + (lane[2] + lane[3]);
   for (; k < n; ++k) {
     float f = (x[k] - origin) * inv_width;
     f = f > 0.0f ? f : 0.0f;
     bins[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
     values[k] = (int64_t{1} << HistogramGroup::kCountShift) + round_to_int64(static_cast<double>(x[k]) * fix);
+    squares += static_cast<double>(x[k]) * x[k];
   }
+  return squares;
 }
 
 #endif
 
 
-inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo, float hi, double sum_of_squares,
-                                  Isa isa) {
+inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo, float hi, Isa isa) {
   n = count_in;
   nbins = bin_count(n);
   origin = lo;
   xmin = lo;
   xmax = hi;
-  sum_sq = sum_of_squares;
   inv_width = static_cast<float>(static_cast<double>(nbins) / (static_cast<double>(hi) - lo));
   valid = std::isfinite(inv_width) && inv_width > 0.0f;
-  if (!valid) return;
+  if (!valid) {
+    sum_sq = sum_of_squares(x, n, isa);
+    return;
+  }
   width = 1.0 / static_cast<double>(inv_width);
   // |round(y * fix)| summed over all elements stays below 2^(kCountShift - 1): fix = 2^k with
-  // fix sum |y| <= fix sqrt(n sum y^2) <= 2^40 (the 1.001 covers the rounding of sum y^2).
+  // fix n max|y| <= 2^40.
   int exponent = 0;
-  std::frexp(std::sqrt(static_cast<double>(n) * sum_sq * 1.001), &exponent);
+  std::frexp(static_cast<double>(n) * std::max(std::fabs(xmin), std::fabs(xmax)), &exponent);
   fix = std::ldexp(1.0, 40 - exponent);
   unfix = std::ldexp(1.0, exponent - 40);
   unit_error = 0.5 * unfix;
@@ -769,12 +799,13 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
   int64_t values[kBlock];
   int64_t* __restrict p = prefix.data() + 1;
   const float o = origin, inv = inv_width, top = static_cast<float>(nbins - 1);
+  double squares = 0.0;
   for (std::size_t k0 = 0; k0 < n; k0 += kBlock) {
     const std::size_t m = std::min(kBlock, n - k0);
     const float* xb = x + k0;
 #ifdef PYQSHARE_QUANT_X86
     if (isa != Isa::kPortable) {
-      pack_elements_avx2(xb, m, o, inv, top, fix, bins, values);
+      squares += pack_elements_avx2(xb, m, o, inv, top, fix, bins, values);
     } else
 #endif
     {
@@ -783,6 +814,7 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
         f = f > 0.0f ? f : 0.0f;
         bins[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
         values[k] = (int64_t{1} << kCountShift) + round_to_int64(static_cast<double>(xb[k]) * fix);
+        squares += static_cast<double>(xb[k]) * xb[k];
       }
     }
     for (std::size_t k = 0; k < m; ++k) p[bins[k]] += values[k];
@@ -810,6 +842,7 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
     q3[j] += r2;
   }
   for (std::size_t j = 4 * quarter; j < len; ++j) q[j] += q[j - 1];
+  sum_sq = squares;
 }
 
 // The bounds from the sums of the bound's parts (see HistogramGroup), which exclude Sxx.
@@ -1133,8 +1166,7 @@ inline Candidate refine(const GroupData& g, const Candidate& best, double best_e
 
 struct GroupStats {
   double xmin = 0.0, xmax = 0.0, weight_sum = 0.0;
-  double weighted_sum_sq = 0.0;  // sum(w x^2)
-  double sum_sq = 0.0;  // sum(x^2)
+  double weighted_sum_sq = -1.0;  // sum(w x^2), filled for weighted groups (-1: not known yet)
 };
 
 // When a screening prefix sum P proves a candidate's exact error E exceeds the best error B.
@@ -1286,6 +1318,17 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   const double in_range_weight = g.w ? st.weight_sum : static_cast<double>(g.n);
   ScreenBound screen;
   screen.enabled = isa != Isa::kPortable && cfg.squared() && g.n <= 65536 && std::max(-st.xmin, st.xmax) <= 1e15;
+  const bool screened_all = screen.enabled && g.n <= kSmallGroup;
+  const bool binned = !screened_all && use_histogram(g, cfg);
+  // sum(w x^2): the histogram build computes it on the way; unweighted groups need it for the squared
+  // objectives (screening bound, refinement hint).
+  double weighted_sum_sq = st.weighted_sum_sq;
+  if (binned) {
+    sc.hist.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), isa);
+    weighted_sum_sq = sc.hist.sum_sq;
+  } else if (!g.w && cfg.squared()) {
+    weighted_sum_sq = sum_of_squares(g.x, g.n, isa);
+  }
   sc.w32 = nullptr;
   if (screen.enabled) {
     if (g.w) {
@@ -1293,7 +1336,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
       for (std::size_t k = 0; k < g.n; ++k) sc.w32_buf[k] = static_cast<float>(g.w[k]);
       sc.w32 = sc.w32_buf.data();
     }
-    screen.xnorm = std::sqrt(st.weighted_sum_sq);
+    screen.xnorm = std::sqrt(weighted_sum_sq);
     screen.wroot = std::sqrt(in_range_weight);
     screen.gamma = (static_cast<double>(g.n) / 2.0 + 64.0) * 0x1p-23;
   }
@@ -1302,8 +1345,6 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   sc.estimate.resize(n_cand);
   sc.order.resize(n_cand);
   std::iota(sc.order.begin(), sc.order.end(), 0);
-  const bool screened_all = screen.enabled && g.n <= kSmallGroup;
-  const bool binned = !screened_all && use_histogram(g, cfg);
 #ifdef PYQSHARE_QUANT_X86
   if (screened_all) {
     // Screening sums of all candidates: their order is the evaluation order, and they prune below.
@@ -1349,7 +1390,6 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     // far end inwards, where a bound carries over to the next candidates (ShiftBound) until it drops to
     // the best upper bound. Only candidates whose lower bound does not exceed the best upper bound are
     // evaluated exactly, smallest upper bound first.
-    sc.hist.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), st.sum_sq, isa);
     ShiftBound& shift = sc.shift;
     shift.prepare(sc.hist, sc.cand);
     sc.bounds.assign(n_cand, ErrorBounds());
@@ -1429,7 +1469,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   Candidate winner = sc.cand[best];
   if (cfg.refine) {
     RefineHint hint;
-    hint.weighted_sum_sq = st.weighted_sum_sq;
+    hint.weighted_sum_sq = weighted_sum_sq;
     hint.weight_sum = in_range_weight;
     hint.hist = binned ? &sc.hist : nullptr;
     winner = refine(g, winner, best_error, cfg, isa, best_sums, &hint);
@@ -1503,25 +1543,21 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
   if (n) lo = hi = g.x[0];
 #ifdef PYQSHARE_QUANT_X86
   if (n && isa != Isa::kPortable) {
-    finite = prepare_avx2(g.x, n, lo, hi, st.sum_sq);
+    finite = range_avx2(g.x, n, lo, hi);
   } else
 #endif
   {
-    double sq = 0.0;
     for (std::size_t j = 0; j < n; ++j) {
       const float v = g.x[j];
       finite &= std::isfinite(v);
       lo = std::min(lo, v);
       hi = std::max(hi, v);
-      sq += static_cast<double>(v) * v;
     }
-    st.sum_sq = sq;
   }
   if (!finite) {
     throw std::invalid_argument("w must be finite: group " + std::to_string(gi) +
                                 " holds NaN or Inf (replace or mask them before the search)");
   }
-  st.weighted_sum_sq = st.sum_sq;
   if (sw.w) {
     double wx2 = 0.0;
     for (std::size_t j = 0; j < n; ++j) {
