@@ -1174,8 +1174,9 @@ struct GroupStats {
 // (|d'| <= |d| + 2^-21 |x|) and float32 roundings (relative 2^-23 each), so per element
 // |d'| <= (1 + 2^-22)(|d| + 2^-19 (|x| + s)); by the triangle inequality in the weighted 2-norm
 // sqrt(sum w d'^2) <= (1 + 2^-22)(sqrt(E) + 2^-19 (sqrt(sum w x^2) + s sqrt(sum w))), and the float32
-// prefix sum is at most (1 + gamma) times its exact value: gamma = (n / 2 + 64) 2^-23 covers every
-// kernel's float32 accumulation (at most n / 2 terms per lane, then a short reduction).
+// prefix sum is at most (1 + gamma) times its exact value: gamma = (m + 64) 2^-23 covers a kernel's
+// float32 accumulation of at most m terms per lane, then a short reduction (m = n / 2 for all candidates
+// at once, n / 32 for the AVX-512 and n / 8 for the AVX2 screening of one candidate).
 // Hence P > (1 + gamma) (1 + 2^-22)^2 (sqrt(B (1 + 1e-9)) + slack)^2 implies E > B.
 // Float32 must not overflow: screening runs only for |x| <= 1e15 and n <= 65536.
 struct ScreenBound {
@@ -1215,6 +1216,7 @@ struct SearchScratch {
   std::vector<float> w32_buf;
   const float* w32 = nullptr;  // float32 weights for screening (nullptr: unweighted)
   std::vector<double> bound, estimate, ratio;
+  std::vector<double> top_error;  // the exact error on the largest elements (a part of `bound`'s sum)
   std::vector<float> screen_sum;
   std::vector<int> order;
   std::vector<std::size_t> top;
@@ -1338,7 +1340,8 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     }
     screen.xnorm = std::sqrt(weighted_sum_sq);
     screen.wroot = std::sqrt(in_range_weight);
-    screen.gamma = (static_cast<double>(g.n) / 2.0 + 64.0) * 0x1p-23;
+    const double per_lane = static_cast<double>(g.n) / (screened_all ? 2.0 : isa == Isa::kAvx512 ? 32.0 : 8.0);
+    screen.gamma = (per_lane + 64.0) * 0x1p-23;
   }
 
   sc.bound.resize(n_cand);
@@ -1379,8 +1382,10 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     }
     // Expected rounding error of one in-range element with unit weight: E|U|^p, U uniform in +-scale/2.
     const double p = cfg.squared() ? 2.0 : cfg.p;
+    sc.top_error.resize(n_cand);
     for (int i = 0; i < n_cand; ++i) {
       sc.bound[i] *= margin;
+      sc.top_error[i] = sc.bound[i];
       const double half = 0.5 * sc.cand[i].scale;
       sc.estimate[i] = sc.bound[i] + in_range_weight * (p == 2.0 ? half * half : std::pow(half, p)) / (p + 1.0);
     }
@@ -1440,19 +1445,17 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   for (int i : sc.order) {
     if (best < n_cand) {
       if (sc.bound[i] > best_error) continue;
-      if (binned) {
-        // Survivors of the histogram bounds need no further screening.
-      } else if (screened_all) {
+      if (screened_all) {
         if (sc.screen_sum[i] > screen.threshold(best_error, sc.cand[i].scale)) continue;
       } else if (screen.enabled) {
-        // The candidate's exact error on the largest elements (its bound) is known, so the other elements
-        // must exceed best_error - bound; the screened prefix also holds the largest elements' own
+        // The candidate's exact error on the largest elements is known, so the other elements must
+        // exceed best_error minus it; the screened prefix also holds the largest elements' own
         // (unclamped) screening terms.
         double top_screen = 0.0;
         for (std::size_t j = 0; j < sc.top.size(); ++j) {
           top_screen += (g.w ? static_cast<double>(sc.w32[sc.top[j]]) : 1.0) * screen_term_upper(sc.top_x[j], sc.cand[i]);
         }
-        const double threshold = screen.threshold(best_error - sc.bound[i], sc.cand[i].scale) +
+        const double threshold = screen.threshold(best_error - sc.top_error[i], sc.cand[i].scale) +
                                  (1.0 + screen.gamma) * (1.0 + 0x1p-40) * top_screen;
         if (screen_mse(g, sc.w32, sc.cand[i], threshold, isa)) continue;
       }
@@ -1512,15 +1515,32 @@ struct GroupBuffers {
   std::vector<double> w;
 };
 
+// Whether a group's elements are one contiguous run of x, which then starts at x + group_offset(...).
+inline bool group_contiguous(const ScaleLayout& lay, const GroupBox& b) {
+  return (b.i1 - b.i0 == lay.inner || (b.l1 - b.l0 == 1 && b.o1 - b.o0 == 1)) &&
+         (b.l1 - b.l0 == lay.length || b.o1 - b.o0 == 1);
+}
+inline std::size_t group_offset(const ScaleLayout& lay, const GroupBox& b) {
+  return (b.o0 * lay.length + b.l0) * lay.inner + b.i0;
+}
+
+// Asks for a contiguous group's cache lines ahead of its search (the first pass over a large group
+// otherwise waits for memory line by line).
+inline void prefetch_group(const float* x, const ScaleLayout& lay, const GroupBox& b) {
+  if (!group_contiguous(lay, b)) return;
+  const float* begin = x + group_offset(lay, b);
+  const std::size_t n = std::min<std::size_t>(b.size(), std::size_t{1} << 14);
+  for (std::size_t k = 0; k < n; k += 16) __builtin_prefetch(begin + k);
+}
+
 inline GroupData gather_group(const float* x, const SampleWeights& sw, const ScaleLayout& lay,
                               const GroupBox& b, GroupBuffers& buf, GroupStats& st, std::size_t gi, Isa isa) {
   const std::size_t n = b.size();
   const std::size_t row_len = lay.inner;
-  const bool contiguous = (b.i1 - b.i0 == lay.inner || (b.l1 - b.l0 == 1 && b.o1 - b.o0 == 1)) &&
-                          (b.l1 - b.l0 == lay.length || b.o1 - b.o0 == 1);
+  const bool contiguous = group_contiguous(lay, b);
   if (!contiguous) buf.x.resize(n);
   if (sw.w) buf.w.resize(n);
-  const float* base = x + (b.o0 * lay.length + b.l0) * row_len + b.i0;
+  const float* base = x + group_offset(lay, b);
   std::size_t k = 0;
   for (std::size_t o = b.o0; o < b.o1 && (!contiguous || sw.w); ++o) {
     for (std::size_t l = b.l0; l < b.l1; ++l) {
@@ -1587,6 +1607,7 @@ inline void scale_search(const float* x, const SampleWeights& sw, const ScaleLay
     SearchScratch sc;
     const std::size_t g0 = task * per_task, g1 = std::min(groups, g0 + per_task);
     for (std::size_t gi = g0; gi < g1; ++gi) {
+      if (gi + 1 < g1 && group_size >= 1024) prefetch_group(x, lay, group_box(lay, gi + 1));
       GroupStats st;
       const GroupData g = gather_group(x, sw, lay, group_box(lay, gi), buf, st, gi, reference ? Isa::kPortable : use);
       const GroupResult r = reference ? search_group_reference(g, st, cfg) : search_group_fast(g, st, cfg, use, sc);
