@@ -929,63 +929,69 @@ PYQSHARE_AVX512 inline __m256i half_epi32(int k, __m512i v) {
   return k ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
 }
 
-// HistogramGroup::count_below and sum_below of eight packed prefix values.
-PYQSHARE_AVX512 inline void unpack_prefix_avx512(__m512i packed, __m512i round_count, __m512d unfix, __m512d& count,
-                                                 __m512d& sum) {
+// Count and sum (as float32) of the elements between two packed prefix values (eight lanes).
+PYQSHARE_AVX512 inline void unpack_difference_avx512(__m512i high, __m512i low, __m512i round_count, __m256& count,
+                                                     __m256& sum) {
+  const __m512i packed = _mm512_sub_epi64(high, low);
   const __m512i n = _mm512_srai_epi64(_mm512_add_epi64(packed, round_count), HistogramGroup::kCountShift);
-  count = _mm512_cvtepi64_pd(n);
-  sum = _mm512_mul_pd(_mm512_cvtepi64_pd(_mm512_sub_epi64(packed, _mm512_slli_epi64(n, HistogramGroup::kCountShift))), unfix);
+  count = _mm512_cvtepi64_ps(n);
+  sum = _mm512_cvtepi64_ps(_mm512_sub_epi64(packed, _mm512_slli_epi64(n, HistogramGroup::kCountShift)));
 }
 
-// histogram_bounds_scalar with sixteen boundaries per vector. The cell before boundary j starts where
-// the window of boundary j - 1 ends: those values move up one lane (the previous block's last lane
-// enters lane 0), so two gathers per table serve both the cells and the windows.
+PYQSHARE_AVX512 inline __m512 join_ps(__m256 lo, __m256 hi) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+}
+
+// histogram_bounds_scalar with sixteen boundaries per vector in float32. The cell before boundary j starts
+// where the window of boundary j - 1 ends: those prefix values move up one lane (the previous block's
+// last lane enters lane 0), so two gathers per half serve both the cells and the windows. Float32 rounds
+// each part by at most a few 2^-24 of its magnitude; the parts' magnitudes are summed alongside and
+// widen the bounds by 2^-21 of that sum (a few roundings per part, the conversions and the reduction).
+// Thresholds: t = f32((q + 1/2) s) is within 2^-24 |t| of the real one, so t -+ |t| 2^-17 (rounded) lies
+// beyond t -+ |t| 2^-20 as cell_thresholds requires. Groups whose values could overflow float32 take the
+// float64 version.
 PYQSHARE_AVX512 inline ErrorBounds histogram_bounds_avx512(const HistogramGroup& h, const Candidate& c) {
   if (!h.valid) return ErrorBounds();
   const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1, n_bounds = n_cells - 1;
-  const double s = c.scale;
-  const __m512d sv = _mm512_set1_pd(s), rel = _mm512_set1_pd(0x1p-19), tiny = _mm512_set1_pd(0x1p-148);
-  const __m512d fmax = _mm512_set1_pd(FLT_MAX), fmin = _mm512_set1_pd(-FLT_MAX), inf = _mm512_set1_pd(HUGE_VAL);
-  const __m512d half = _mm512_set1_pd(0.5), two = _mm512_set1_pd(2.0), zero_d = _mm512_setzero_pd();
-  const __m512d origin_d = _mm512_set1_pd(h.origin), slack = _mm512_set1_pd(h.slack());
-  const __m512d xmin_d = _mm512_set1_pd(h.xmin), xmax_d = _mm512_set1_pd(h.xmax);
-  const __m512d w_lo = _mm512_set1_pd(h.width * (1.0 - 0x1p-20)), w_hi = _mm512_set1_pd(h.width * (1.0 + 0x1p-20));
-  const __m512d mu_scale = _mm512_set1_pd(0x1p-20 * s);
-  const __m512 origin = _mm512_set1_ps(h.origin), inv = _mm512_set1_ps(h.inv_width), zero = _mm512_setzero_ps();
-  const __m512 top = _mm512_set1_ps(static_cast<float>(h.nbins - 1));
+  const double d_max = static_cast<double>(std::max(std::fabs(c.lo), std::fabs(c.hi))) * c.scale;
+  const double reach_max = d_max + std::max(std::fabs(h.xmin), std::fabs(h.xmax));
+  if (!(static_cast<double>(h.n) * reach_max * reach_max < 0x1p100)) return histogram_bounds_scalar(h, c);
+  const __m512 s = _mm512_set1_ps(c.scale), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  const __m512 rel = _mm512_set1_ps(0x1p-17f), tiny = _mm512_set1_ps(0x1p-140f), zero = _mm512_setzero_ps();
+  const __m512 origin = _mm512_set1_ps(h.origin), inv = _mm512_set1_ps(h.inv_width);
+  const __m512 top = _mm512_set1_ps(static_cast<float>(h.nbins - 1)), finite_max = _mm512_set1_ps(FLT_MAX);
   const __m512 xmin_f = _mm512_set1_ps(static_cast<float>(h.xmin)), xmax_f = _mm512_set1_ps(static_cast<float>(h.xmax));
   const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 scale_ps = _mm512_set1_ps(c.scale), one = _mm512_set1_ps(1.0f), finite_max = _mm512_set1_ps(FLT_MAX);
+  // lowest() and highest() in float32 (their margins 2^-20 of b width cover the float32 roundings here,
+  // the slack those of origin), without the clamps to [xmin, xmax].
+  const double origin_slack = h.slack() + 0x1p-22 * std::fabs(static_cast<double>(h.origin));
+  const __m512 origin_lo = _mm512_set1_ps(static_cast<float>(h.origin - origin_slack));
+  const __m512 origin_hi = _mm512_set1_ps(static_cast<float>(h.origin + origin_slack));
+  const __m512 w_lo = _mm512_set1_ps(static_cast<float>(h.width * (1.0 - 0x1p-19)));
+  const __m512 w_hi = _mm512_set1_ps(static_cast<float>(h.width * (1.0 + 0x1p-19)));
+  // Twice the window's misrounding reach mu (per candidate: the largest code's).
+  const __m512 mu2 = _mm512_set1_ps(static_cast<float>(2.0 * 0x1p-20 * (d_max + 2.0 * c.scale)));
+  const __m512 unfix = _mm512_set1_ps(static_cast<float>(h.unfix));
   // Lane 0 takes the second table's last lane, lane L > 0 the first table's lane L - 1.
   const __m512i up_one = _mm512_setr_epi32(31, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
-  const __m512i up_one_pd = _mm512_setr_epi64(15, 0, 1, 2, 3, 4, 5, 6);
+  const __m512i up_one_q = _mm512_setr_epi64(15, 0, 1, 2, 3, 4, 5, 6);
   const __m512i minus_one = _mm512_set1_epi32(-1), nbins = _mm512_set1_epi32(static_cast<int32_t>(h.nbins));
-  const long long* prefix = reinterpret_cast<const long long*>(h.prefix.data());
   const __m512i round_count = _mm512_set1_epi64(int64_t{1} << (HistogramGroup::kCountShift - 1));
-  const __m512d unfix = _mm512_set1_pd(h.unfix);
-  __m512d lower = zero_d, upper = zero_d;
-  __m512i carry_from = _mm512_setzero_si512();
-  __m512d carry_count = zero_d, carry_sum = zero_d;  // lane 7: count and sum below the previous window's end
+  const long long* prefix = reinterpret_cast<const long long*>(h.prefix.data());
+  __m512 lower = zero, upper = zero, mag = zero;
+  __m512i carry_from = _mm512_setzero_si512(), carry_prefix = _mm512_setzero_si512();  // lane 15 / 7
   int32_t cell_from = 0;
   for (std::size_t j0 = 0; j0 < n_bounds; j0 += 16) {
     const std::size_t left = n_bounds - j0;
     const __mmask16 active = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
     const __m512 q = _mm512_add_ps(_mm512_set1_ps(c.lo + static_cast<float>(j0)), lanes);
-    const __m512 dq_ps = _mm512_mul_ps(q, scale_ps), dq1_ps = _mm512_mul_ps(_mm512_add_ps(q, one), scale_ps);
-    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(dq_ps), finite_max, _CMP_LE_OQ) &
-                             _mm512_cmp_ps_mask(_mm512_abs_ps(dq1_ps), finite_max, _CMP_LE_OQ);
+    const __m512 dq = _mm512_mul_ps(q, s), dq1 = _mm512_mul_ps(_mm512_add_ps(q, one), s);
+    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(dq), finite_max, _CMP_LE_OQ) &
+                             _mm512_cmp_ps_mask(_mm512_abs_ps(dq1), finite_max, _CMP_LE_OQ);
     if (active & ~finite) return ErrorBounds();
-    __m256 lower_f[2], upper_f[2];
-    for (int k = 0; k < 2; ++k) {
-      const __m512d qh = _mm512_add_pd(_mm512_cvtps_pd(k ? _mm512_extractf32x8_ps(q, 1) : _mm512_castps512_ps256(q)), half);
-      const __m512d t = _mm512_mul_pd(qh, sv);
-      const __m512d margin = _mm512_add_pd(_mm512_mul_pd(_mm512_abs_pd(t), rel), tiny);
-      lower_f[k] = _mm512_cvtpd_ps(_mm512_min_pd(_mm512_sub_pd(t, margin), fmax));
-      const __m512d up = _mm512_max_pd(_mm512_add_pd(t, margin), fmin);
-      upper_f[k] = _mm512_cvtpd_ps(_mm512_mask_blend_pd(_mm512_cmp_pd_mask(up, fmax, _CMP_GT_OQ), up, inf));
-    }
-    const __m512 lw = _mm512_insertf32x8(_mm512_castps256_ps512(lower_f[0]), lower_f[1], 1);
-    const __m512 uw = _mm512_insertf32x8(_mm512_castps256_ps512(upper_f[0]), upper_f[1], 1);
+    const __m512 t = _mm512_mul_ps(_mm512_add_ps(q, half), s);
+    const __m512 margin = _mm512_fmadd_ps(_mm512_abs_ps(t), rel, tiny);
+    const __m512 lw = _mm512_sub_ps(t, margin), uw = _mm512_add_ps(t, margin);
     // bin(): max_ps returns its second operand (0) for NaN, as bin() does.
     __m512i bl = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(lw, origin), inv), zero), top));
     __m512i bu = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(uw, origin), inv), zero), top));
@@ -995,49 +1001,53 @@ PYQSHARE_AVX512 inline ErrorBounds histogram_bounds_avx512(const HistogramGroup&
     const __m512i bu1 = _mm512_sub_epi32(bu, minus_one);
     const __m512i from = _mm512_permutex2var_epi32(bu1, up_one, carry_from);
     if (_mm512_mask_cmplt_epi32_mask(active, bl, from)) return ErrorBounds();  // windows touch
-    __m512d count_bu1[2], sum_bu1[2];
+    __m256 nc[2], sc[2], nw[2], sw[2];
+    __m512i p_bu1[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int k = 0; k < 2; ++k) {
-      const __mmask8 act = static_cast<__mmask8>(active >> (8 * k));
-      if (!act) break;
-      __m512d count_bl, sum_bl;
-      unpack_prefix_avx512(_mm512_i32gather_epi64(half_epi32(k, bl), prefix, 8), round_count, unfix, count_bl, sum_bl);
-      unpack_prefix_avx512(_mm512_i32gather_epi64(half_epi32(k, bu1), prefix, 8), round_count, unfix, count_bu1[k],
-                           sum_bu1[k]);
-      const __m512d count_from = _mm512_permutex2var_pd(count_bu1[k], up_one_pd, k ? count_bu1[0] : carry_count);
-      const __m512d sum_from = _mm512_permutex2var_pd(sum_bu1[k], up_one_pd, k ? sum_bu1[0] : carry_sum);
-      const __m512d dq = _mm512_cvtps_pd(k ? _mm512_extractf32x8_ps(dq_ps, 1) : _mm512_castps512_ps256(dq_ps));
-      const __m512d dq1 = _mm512_cvtps_pd(k ? _mm512_extractf32x8_ps(dq1_ps, 1) : _mm512_castps512_ps256(dq1_ps));
-      const __m512d qd = _mm512_cvtps_pd(k ? _mm512_extractf32x8_ps(q, 1) : _mm512_castps512_ps256(q));
-      const __m512d nc = _mm512_sub_pd(count_bl, count_from), nw = _mm512_sub_pd(count_bu1[k], count_bl);
-      const __m512d sc = _mm512_sub_pd(sum_bl, sum_from), sw = _mm512_sub_pd(sum_bu1[k], sum_bl);
-      const __m512d dq2 = _mm512_mul_pd(dq, dq), dq12 = _mm512_mul_pd(dq1, dq1);
-      const __m512d term = _mm512_sub_pd(_mm512_mul_pd(dq2, nc), _mm512_mul_pd(_mm512_mul_pd(two, dq), sc));
-      const __m512d a = _mm512_sub_pd(_mm512_mul_pd(dq2, nw), _mm512_mul_pd(_mm512_mul_pd(two, dq), sw));
-      const __m512d b = _mm512_sub_pd(_mm512_mul_pd(dq12, nw), _mm512_mul_pd(_mm512_mul_pd(two, dq1), sw));
-      const __m512d delta = _mm512_sub_pd(dq1, dq), mid = _mm512_mul_pd(half, _mm512_add_pd(dq, dq1));
-      const __m512d lowest = _mm512_max_pd(xmin_d, _mm512_sub_pd(_mm512_add_pd(origin_d, _mm512_mul_pd(_mm512_cvtepi32_pd(half_epi32(k, bl)), w_lo)), slack));
-      const __m512d highest = _mm512_min_pd(xmax_d, _mm512_add_pd(_mm512_add_pd(origin_d, _mm512_mul_pd(_mm512_cvtepi32_pd(half_epi32(k, bu1)), w_hi)), slack));
-      const __m512d reach = _mm512_max_pd(_mm512_max_pd(_mm512_sub_pd(mid, lowest), _mm512_sub_pd(highest, mid)), zero_d);
-      const __m512d mu = _mm512_mul_pd(mu_scale, _mm512_add_pd(_mm512_abs_pd(qd), two));
-      const __m512d avg = _mm512_mul_pd(half, _mm512_add_pd(a, b));
-      const __m512d lo_part = _mm512_add_pd(term, _mm512_sub_pd(avg, _mm512_mul_pd(_mm512_mul_pd(delta, nw), reach)));
-      const __m512d tight = _mm512_sub_pd(avg, _mm512_mul_pd(delta, _mm512_abs_pd(_mm512_sub_pd(sw, _mm512_mul_pd(nw, mid)))));
-      const __m512d up_part = _mm512_add_pd(
-          term, _mm512_add_pd(_mm512_min_pd(_mm512_min_pd(a, b), tight), _mm512_mul_pd(_mm512_mul_pd(two, delta), _mm512_mul_pd(mu, nw))));
-      lower = _mm512_mask_add_pd(lower, act, lower, lo_part);
-      upper = _mm512_mask_add_pd(upper, act, upper, up_part);
+      if (!(active >> (8 * k) & 0xFF)) {
+        nc[k] = sc[k] = nw[k] = sw[k] = _mm256_setzero_ps();
+        continue;
+      }
+      const __m512i p_bl = _mm512_i32gather_epi64(half_epi32(k, bl), prefix, 8);
+      p_bu1[k] = _mm512_i32gather_epi64(half_epi32(k, bu1), prefix, 8);
+      const __m512i p_from = _mm512_permutex2var_epi64(p_bu1[k], up_one_q, k ? p_bu1[0] : carry_prefix);
+      unpack_difference_avx512(p_bl, p_from, round_count, nc[k], sc[k]);
+      unpack_difference_avx512(p_bu1[k], p_bl, round_count, nw[k], sw[k]);
     }
+    const __m512 n_cell = join_ps(nc[0], nc[1]), n_window = join_ps(nw[0], nw[1]);
+    const __m512 s_cell = _mm512_mul_ps(join_ps(sc[0], sc[1]), unfix), s_window = _mm512_mul_ps(join_ps(sw[0], sw[1]), unfix);
+    // Cell: D^2 N - 2 D S. Window: (A + B) / 2 = h2 N - 2 m S with h2 = (D_q^2 + D_q1^2) / 2, and
+    // A, B = (A + B) / 2 +- delta (S - N m).
+    const __m512 two_sc = _mm512_add_ps(s_cell, s_cell);
+    const __m512 cell = _mm512_mul_ps(dq, _mm512_fmsub_ps(dq, n_cell, two_sc));
+    const __m512 delta = _mm512_sub_ps(dq1, dq), mid = _mm512_mul_ps(half, _mm512_add_ps(dq, dq1));
+    const __m512 h2 = _mm512_mul_ps(half, _mm512_fmadd_ps(dq, dq, _mm512_mul_ps(dq1, dq1)));
+    const __m512 two_m_sw = _mm512_mul_ps(_mm512_add_ps(mid, mid), s_window);
+    const __m512 avg = _mm512_fmsub_ps(h2, n_window, two_m_sw);
+    const __m512 dev = _mm512_mul_ps(delta, _mm512_abs_ps(_mm512_fnmadd_ps(n_window, mid, s_window)));
+    const __m512 lowest = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bl), w_lo, origin_lo);
+    const __m512 highest = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bu1), w_hi, origin_hi);
+    const __m512 reach = _mm512_max_ps(_mm512_max_ps(_mm512_sub_ps(mid, lowest), _mm512_sub_ps(highest, mid)), zero);
+    const __m512 dn = _mm512_mul_ps(delta, n_window);
+    lower = _mm512_mask_add_ps(lower, active, lower, _mm512_add_ps(cell, _mm512_fnmadd_ps(dn, reach, avg)));
+    upper = _mm512_mask_add_ps(upper, active, upper, _mm512_add_ps(cell, _mm512_fmadd_ps(dn, mu2, _mm512_sub_ps(avg, dev))));
+    // Magnitudes of the parts: |D| (|D| N + 2 |S|) for the cell; h2 N + |2 m S| + dev + delta N (reach + mu2).
+    const __m512 cell_mag = _mm512_mul_ps(_mm512_abs_ps(dq), _mm512_fmadd_ps(_mm512_abs_ps(dq), n_cell, _mm512_abs_ps(two_sc)));
+    const __m512 window_mag = _mm512_add_ps(_mm512_fmadd_ps(h2, n_window, _mm512_abs_ps(two_m_sw)),
+                                            _mm512_fmadd_ps(dn, _mm512_add_ps(reach, mu2), dev));
+    mag = _mm512_mask_add_ps(mag, active, mag, _mm512_add_ps(cell_mag, window_mag));
     if (left > 16) {
       carry_from = bu1;
-      carry_count = count_bu1[1];
-      carry_sum = sum_bu1[1];
+      carry_prefix = p_bu1[1];
     } else {
       alignas(64) int32_t ends[16];
       _mm512_store_si512(ends, bu1);
       cell_from = ends[left - 1];
     }
   }
-  double low = _mm512_reduce_add_pd(lower), up = _mm512_reduce_add_pd(upper);
+  const double float_error = 0x1p-21 * static_cast<double>(_mm512_reduce_add_ps(mag)) * 1.01 + 0x1p-130;
+  double low = static_cast<double>(_mm512_reduce_add_ps(lower)) - float_error;
+  double up = static_cast<double>(_mm512_reduce_add_ps(upper)) + float_error;
   add_cell(h, cell_from, static_cast<int64_t>(h.nbins), static_cast<double>(c.hi * c.scale), low, up);
   return finish_bounds(h, c, low, up);
 }
