@@ -538,9 +538,11 @@ PYQSHARE_AVX2 inline void screen_candidates_avx2(const GroupData& g, const float
   }
 }
 
-// Minimum, maximum and finiteness of x (sixteen elements per step, independent chains).
-PYQSHARE_AVX2 inline bool range_avx2(const float* x, std::size_t n, float& lo_out, float& hi_out) {
-  __m256 lo[2], hi[2], bad = _mm256_setzero_ps();
+// Minimum, maximum, finiteness and (float32, at most n / 16 + 16 roundings) sum of |x| (sixteen
+// elements per step, independent chains).
+PYQSHARE_AVX2 inline bool range_avx2(const float* x, std::size_t n, float& lo_out, float& hi_out, double& abs_sum) {
+  __m256 lo[2], hi[2], bad = _mm256_setzero_ps(), total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int j = 0; j < 2; ++j) lo[j] = hi[j] = _mm256_set1_ps(x[0]);
   std::size_t k = 0;
   for (; k + 16 <= n; k += 16) {
@@ -549,20 +551,25 @@ PYQSHARE_AVX2 inline bool range_avx2(const float* x, std::size_t n, float& lo_ou
       lo[j] = _mm256_min_ps(lo[j], v);
       hi[j] = _mm256_max_ps(hi[j], v);
       bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+      total[j] = _mm256_add_ps(total[j], _mm256_andnot_ps(sign, v));
     }
   }
-  alignas(32) float l[8], h[8];
+  alignas(32) float l[8], h[8], t[8];
   _mm256_store_ps(l, _mm256_min_ps(lo[0], lo[1]));
   _mm256_store_ps(h, _mm256_max_ps(hi[0], hi[1]));
+  _mm256_store_ps(t, _mm256_add_ps(total[0], total[1]));
   bool finite = _mm256_movemask_ps(bad) == 0;
+  abs_sum = 0.0;
   for (int j = 0; j < 8; ++j) {
     lo_out = std::min(lo_out, l[j]);
     hi_out = std::max(hi_out, h[j]);
+    abs_sum += t[j];
   }
   for (; k < n; ++k) {
     finite &= std::isfinite(x[k]);
     lo_out = std::min(lo_out, x[k]);
     hi_out = std::max(hi_out, x[k]);
+    abs_sum += std::fabs(x[k]);
   }
   return finite;
 }
@@ -679,7 +686,8 @@ struct HistogramGroup {
   float origin = 0.0f, inv_width = 0.0f;
   double width = 0.0, xmin = 0.0, xmax = 0.0, sum_sq = 0.0, fix = 1.0, unfix = 1.0;
   double unit_error = 0.0;  // bound on the fixed-point error of one element (0.5 / fix)
-  std::vector<int64_t> prefix;  // nbins + 1 entries
+  std::vector<int64_t> prefix;    // nbins + 1 entries
+  std::vector<uint16_t> bin_of;  // the bin of every element
 
   // Monotone in v (a float32 subtraction, a product by a non-negative constant, a clamp, truncation),
   // so every element of bin b is <= every element of bin b + 1, and bin(y) < bin(t) implies y < t.
@@ -706,7 +714,7 @@ struct HistogramGroup {
   }
   double slack() const { return 0x1p-50 * std::fabs(static_cast<double>(origin)) + 0x1p-140; }
 
-  void build(const float* x, std::size_t count_in, float lo, float hi, Isa isa);
+  void build(const float* x, std::size_t count_in, float lo, float hi, double abs_sum, Isa isa);
 };
 
 // About two elements per bin while the packed prefix sums (8 bytes per bin) fit a 16 KB cache budget
@@ -734,7 +742,7 @@ PYQSHARE_AVX2 inline __m256i round_to_int64_avx2(__m256d v) {
 // The bin() and packed value (one count plus the fixed-point value) of n elements, eight per step; returns
 // the sum of their squares.
 PYQSHARE_AVX2 inline double pack_elements_avx2(const float* x, std::size_t n, float origin, float inv_width,
-                                               float top, double fix, uint32_t* bins, int64_t* values) {
+                                               float top, double fix, uint16_t* bins, int64_t* values) {
   const __m256 o = _mm256_set1_ps(origin), inv = _mm256_set1_ps(inv_width), t = _mm256_set1_ps(top);
   const __m256 zero = _mm256_setzero_ps();
   const __m256d scale = _mm256_set1_pd(fix);
@@ -745,7 +753,8 @@ PYQSHARE_AVX2 inline double pack_elements_avx2(const float* x, std::size_t n, fl
     const __m256 v = _mm256_loadu_ps(x + k);
     // max_ps returns its second operand (0) for NaN, as bin() does.
     const __m256 f = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(v, o), inv), zero), t);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bins + k), _mm256_cvttps_epi32(f));
+    const __m256i b = _mm256_cvttps_epi32(f);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(bins + k), _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
     const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
     sq0 = _mm256_fmadd_pd(lo, lo, sq0);
     sq1 = _mm256_fmadd_pd(hi, hi, sq1);
@@ -760,7 +769,7 @@ PYQSHARE_AVX2 inline double pack_elements_avx2(const float* x, std::size_t n, fl
   for (; k < n; ++k) {
     float f = (x[k] - origin) * inv_width;
     f = f > 0.0f ? f : 0.0f;
-    bins[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+    bins[k] = static_cast<uint16_t>(static_cast<int32_t>(std::min(f, top)));
     values[k] = (int64_t{1} << HistogramGroup::kCountShift) + round_to_int64(static_cast<double>(x[k]) * fix);
     squares += static_cast<double>(x[k]) * x[k];
   }
@@ -770,7 +779,7 @@ PYQSHARE_AVX2 inline double pack_elements_avx2(const float* x, std::size_t n, fl
 #endif
 
 
-inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo, float hi, Isa isa) {
+inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo, float hi, double abs_sum, Isa isa) {
   n = count_in;
   nbins = bin_count(n);
   origin = lo;
@@ -784,9 +793,10 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
   }
   width = 1.0 / static_cast<double>(inv_width);
   // |round(y * fix)| summed over all elements stays below 2^(kCountShift - 1): fix = 2^k with
-  // fix n max|y| <= 2^40.
+  // fix sum |y| <= 2^40 (sum |y| known within 1%, and at most n max|y|).
   int exponent = 0;
-  std::frexp(static_cast<double>(n) * std::max(std::fabs(xmin), std::fabs(xmax)), &exponent);
+  const double abs_bound = std::min(abs_sum * 1.01, static_cast<double>(n) * std::max(std::fabs(xmin), std::fabs(xmax)));
+  std::frexp(std::max(abs_bound, DBL_MIN), &exponent);
   fix = std::ldexp(1.0, 40 - exponent);
   unfix = std::ldexp(1.0, exponent - 40);
   unit_error = 0.5 * unfix;
@@ -795,7 +805,7 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
   // Blocks of bins and packed values (small buffers); local pointers: stores through them could otherwise
   // alias the members.
   constexpr std::size_t kBlock = 512;
-  uint32_t bins[kBlock];
+  bin_of.resize(n);
   int64_t values[kBlock];
   int64_t* __restrict p = prefix.data() + 1;
   const float o = origin, inv = inv_width, top = static_cast<float>(nbins - 1);
@@ -803,6 +813,7 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
   for (std::size_t k0 = 0; k0 < n; k0 += kBlock) {
     const std::size_t m = std::min(kBlock, n - k0);
     const float* xb = x + k0;
+    uint16_t* __restrict bins = bin_of.data() + k0;
 #ifdef PYQSHARE_QUANT_X86
     if (isa != Isa::kPortable) {
       squares += pack_elements_avx2(xb, m, o, inv, top, fix, bins, values);
@@ -812,7 +823,7 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
       for (std::size_t k = 0; k < m; ++k) {
         float f = (xb[k] - o) * inv;  // as bin()
         f = f > 0.0f ? f : 0.0f;
-        bins[k] = static_cast<uint32_t>(static_cast<int32_t>(std::min(f, top)));
+        bins[k] = static_cast<uint16_t>(static_cast<int32_t>(std::min(f, top)));
         values[k] = (int64_t{1} << kCountShift) + round_to_int64(static_cast<double>(xb[k]) * fix);
         squares += static_cast<double>(xb[k]) * xb[k];
       }
@@ -1133,14 +1144,15 @@ struct RefineHint {
 // and, by Minkowski, sqrt(E) <= sqrt(F(s)) + 1.5 2^-23 sqrt(sum w x^2) + 2^-24 s sqrt(sum w). F carries
 // the rounding of num and den (lane sums: (n / 16 + 8) u of their magnitudes, sum |w q x| <= sqrt(den Sxx))
 // and of its own terms. (The refinement nearly always lowers F by far more than these margins.)
+// `num_error`: a bound on |num - the computed num| when num is only an estimate.
 inline bool refined_not_worse(double num, double den, const RefineHint& hint, std::size_t n, const Candidate& c,
-                              double best_error) {
+                              double best_error, double num_error = 0.0) {
   constexpr double u = 0x1p-53;
   const double s = c.scale, sxx = hint.weighted_sum_sq * (1.0 + 1e-9);  // at most 2^20 roundings
   const double gamma = 1.01 * u * (static_cast<double>(n) / kLanes + 8.0);
   const double f = sxx - 2.0 * s * num + s * s * den;
   const double f_error = 8.0 * u * (sxx + 2.0 * s * std::fabs(num) + s * s * den) +
-                         gamma * (2.0 * s * std::sqrt(den * sxx) + s * s * den);
+                         gamma * (2.0 * s * std::sqrt(den * sxx) + s * s * den) + 2.0 * s * num_error;
   const float hmax = std::max(std::fabs(c.lo), std::fabs(c.hi));
   if (!std::isfinite(hmax * c.scale)) return false;  // dequantized values may overflow
   const double eta = 1.5 * 0x1p-23 * std::sqrt(sxx) + 0x1p-24 * s * std::sqrt(hint.weight_sum);
@@ -1177,6 +1189,7 @@ inline Candidate refine(const GroupData& g, const Candidate& best, double best_e
 struct GroupStats {
   double xmin = 0.0, xmax = 0.0, weight_sum = 0.0;
   double weighted_sum_sq = -1.0;  // sum(w x^2), filled for weighted groups (-1: not known yet)
+  double abs_sum = 0.0;          // sum |x| within 1% (float32 sums)
 };
 
 // When a screening prefix sum P proves a candidate's exact error E exceeds the best error B.
@@ -1234,9 +1247,243 @@ struct SearchScratch {
   ShiftBound shift;
   std::vector<ErrorBounds> bounds;
   std::vector<char> ruled_out;
+  std::vector<uint8_t> window_mark;  // per bin: which resolved candidates have a window there
+  std::vector<uint32_t> window_index;
+  std::vector<float> window_x;
+  std::vector<uint8_t> window_bits;
   float top_x[kLanes];
   double top_w[kLanes];
 };
+
+// Exact windows: the error of a few candidates from the histogram's cells and the elements of their
+// windows taken one by one (found in one pass over the elements' bins), so that only rounding is left:
+// bounds about 1e-9 wide, and the refinement sums (the reference's lane sums within num_error).
+constexpr std::size_t kResolveMax = 8;
+
+struct Resolved {
+  double lower = 0.0, upper = HUGE_VAL;  // bounds on the computed error
+  double num = 0.0, num_error = HUGE_VAL, den = 0.0;
+};
+
+// The window elements' part for one candidate: sum (d^2 - y^2), sum q y, sum q^2 and sum (d^2 + y^2),
+// sum |q y| (magnitudes for the rounding), over the elements whose bits hold `bit`.
+inline void window_sums(const float* y, const uint8_t* bits, std::size_t m, unsigned bit, const Candidate& c,
+                        double* out) {
+  double e = 0.0, num = 0.0, den = 0.0, e_mag = 0.0, num_mag = 0.0;
+  for (std::size_t i = 0; i < m; ++i) {
+    if (!(bits[i] >> bit & 1u)) continue;
+    const double q = offset_code(y[i], c), d = element_diff(y[i], c), v = y[i];
+    e += d * d - v * v;
+    e_mag += d * d + v * v;
+    num += q * v;
+    num_mag += std::fabs(q * v);
+    den += q * q;
+  }
+  out[0] = e;
+  out[1] = num;
+  out[2] = den;
+  out[3] = e_mag;
+  out[4] = num_mag;
+}
+
+#ifdef PYQSHARE_QUANT_X86
+// The indices of the elements whose bin is set in `bits` (one bit per bin, at most 2048 bins), sixteen
+// per step: the bit is fetched by two table permutes and a shift; returns their number (after the first
+// n16 = n - n % 16 elements, the caller takes the rest).
+PYQSHARE_AVX512 inline std::size_t marked_elements_avx512(const uint16_t* bin_of, std::size_t n16, const uint32_t* bits,
+                                                         uint32_t* index) {
+  const __m512i t0 = _mm512_loadu_si512(bits), t1 = _mm512_loadu_si512(bits + 16);
+  const __m512i t2 = _mm512_loadu_si512(bits + 32), t3 = _mm512_loadu_si512(bits + 48);
+  const __m512i step = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i low5 = _mm512_set1_epi32(31), one = _mm512_set1_epi32(1), bit5 = _mm512_set1_epi32(32);
+  std::size_t m = 0;
+  for (std::size_t i = 0; i < n16; i += 16) {
+    const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bin_of + i)));
+    const __m512i word = _mm512_srli_epi32(b, 5);
+    const __m512i lo = _mm512_permutex2var_epi32(t0, word, t1), hi = _mm512_permutex2var_epi32(t2, word, t3);
+    const __m512i w = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(word, bit5), lo, hi);
+    const __mmask16 hit = _mm512_test_epi32_mask(_mm512_srlv_epi32(w, _mm512_and_si512(b, low5)), one);
+    // Without a branch: about half the steps hold a window element, at random.
+    _mm512_storeu_si512(index + m, _mm512_maskz_compress_epi32(hit, _mm512_add_epi32(step, _mm512_set1_epi32(static_cast<int32_t>(i)))));
+    m += static_cast<std::size_t>(__builtin_popcount(hit));
+  }
+  return m;
+}
+#endif
+
+#ifdef PYQSHARE_QUANT_X86
+// window_sums sixteen elements per step (the exact differences of eval_mse_avx512; elements without the
+// bit are zeroed: code 0, difference 0).
+PYQSHARE_AVX512 inline void window_sums_avx512(const float* y, const uint8_t* bits, std::size_t m, unsigned bit,
+                                               const Candidate& c, double* out) {
+  const FastCandidateAvx512 f = fast_candidate_avx512(c);
+  const __m128i want = _mm_set1_epi8(static_cast<char>(1u << bit));
+  __m512d e = _mm512_setzero_pd(), num = e, den = e, e_mag = e, num_mag = e;
+  for (std::size_t i = 0; i < m; i += 16) {
+    const __mmask16 valid = static_cast<__mmask16>(m - i >= 16 ? 0xFFFF : (1u << (m - i)) - 1);
+    alignas(16) uint8_t b[16] = {};
+    for (std::size_t j = 0; j < 16 && i + j < m; ++j) b[j] = bits[i + j];
+    const __m128i hit_bytes = _mm_cmpeq_epi8(_mm_and_si128(_mm_load_si128(reinterpret_cast<const __m128i*>(b)), want), want);
+    const __mmask16 use = valid & static_cast<__mmask16>(_mm_movemask_epi8(hit_bytes));
+    const __m512 x = _mm512_maskz_loadu_ps(use, y + i);
+    __m512d d[2];
+    __m512 q;
+    diff16_avx512(x, f, d[0], d[1], q);
+    for (int h = 0; h < 2; ++h) {
+      const __m512d xv = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(x, 1) : _mm512_castps512_ps256(x));
+      const __m512d qv = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(q, 1) : _mm512_castps512_ps256(q));
+      const __m512d d2 = _mm512_mul_pd(d[h], d[h]), x2 = _mm512_mul_pd(xv, xv), qx = _mm512_mul_pd(qv, xv);
+      e = _mm512_add_pd(e, _mm512_sub_pd(d2, x2));
+      e_mag = _mm512_add_pd(e_mag, _mm512_add_pd(d2, x2));
+      num = _mm512_add_pd(num, qx);
+      num_mag = _mm512_add_pd(num_mag, _mm512_abs_pd(qx));
+      den = _mm512_fmadd_pd(qv, qv, den);
+    }
+  }
+  out[0] = _mm512_reduce_add_pd(e);
+  out[1] = _mm512_reduce_add_pd(num);
+  out[2] = _mm512_reduce_add_pd(den);
+  out[3] = _mm512_reduce_add_pd(e_mag);
+  out[4] = _mm512_reduce_add_pd(num_mag);
+}
+#endif
+
+inline bool resolve_windows(const GroupData& g, const HistogramGroup& h, const Candidate* cand, std::size_t k,
+                            Isa isa, SearchScratch& sc, Resolved* out) {
+  constexpr double u = 0x1p-53;
+  const std::size_t n = h.n;
+  sc.window_mark.assign(h.nbins, 0);
+  uint8_t* mark = sc.window_mark.data();
+  uint32_t bits[64] = {};  // the marked bins as bits, for the vector scan (at most 2048 bins)
+  struct Cells {
+    double e = 0.0, e_mag = 0.0, e_unit = 0.0, num = 0.0, num_mag = 0.0, num_unit = 0.0, den = 0.0;
+  } cells[kResolveMax];
+  for (std::size_t t = 0; t < k; ++t) {
+    const Candidate& c = cand[t];
+    Cells& a = cells[t];
+    const std::size_t n_bounds = static_cast<std::size_t>(c.hi - c.lo);
+    int64_t from = 0;
+    for (std::size_t j = 0; j <= n_bounds; ++j) {
+      const float q = c.lo + static_cast<float>(j);
+      int64_t bl = static_cast<int64_t>(h.nbins), bu = bl - 1;  // the last cell runs to the end
+      if (j < n_bounds) {
+        window_bins(h, static_cast<double>(q) + 0.5, c.scale, bl, bu);
+        if (bl < from) return false;  // windows touch
+      }
+      const double dq = static_cast<double>(q * c.scale), qd = q;
+      if (!std::isfinite(dq)) return false;
+      const double nc = h.count_below(bl) - h.count_below(from), s_c = h.sum_below(bl) - h.sum_below(from);
+      a.e += dq * (dq * nc - 2.0 * s_c);
+      a.e_mag += dq * dq * nc + 2.0 * std::fabs(dq * s_c);
+      a.e_unit += 2.0 * std::fabs(dq) * nc;
+      a.num += qd * s_c;
+      a.num_mag += std::fabs(qd * s_c);
+      a.num_unit += std::fabs(qd) * nc;
+      a.den += qd * qd * nc;
+      for (int64_t b = bl; b <= bu; ++b) {
+        mark[b] |= static_cast<uint8_t>(1u << t);
+        if (b < 2048) bits[b >> 5] |= 1u << (b & 31);
+      }
+      from = bu + 1;
+    }
+  }
+  // The elements in any window.
+  sc.window_index.resize(n + 16);
+  uint32_t* index = sc.window_index.data();
+  const uint16_t* bin_of = h.bin_of.data();
+  std::size_t m = 0, i = 0;
+#ifdef PYQSHARE_QUANT_X86
+  if (isa == Isa::kAvx512 && h.nbins <= 2048) {
+    i = n - n % 16;
+    m = marked_elements_avx512(bin_of, i, bits, index);
+  }
+#endif
+  for (; i < n; ++i) {
+    index[m] = static_cast<uint32_t>(i);
+    m += mark[bin_of[i]] != 0;
+  }
+  sc.window_x.resize(m);
+  sc.window_bits.resize(m);
+  for (std::size_t i = 0; i < m; ++i) {
+    sc.window_x[i] = g.x[index[i]];
+    sc.window_bits[i] = mark[bin_of[index[i]]];
+  }
+  const double sxx = h.sum_sq, nn = static_cast<double>(n);
+  const double g_ref = 1.01 * u * (nn / kLanes + 16.0) + 1e-12;  // computed vs real error
+  const double gamma = 1.01 * u * (nn / kLanes + 8.0);          // computed vs real refinement sums
+  for (std::size_t t = 0; t < k; ++t) {
+    const Candidate& c = cand[t];
+    double w[5];
+#ifdef PYQSHARE_QUANT_X86
+    if (isa == Isa::kAvx512) {
+      window_sums_avx512(sc.window_x.data(), sc.window_bits.data(), m, static_cast<unsigned>(t), c, w);
+    } else
+#endif
+    {
+      window_sums(sc.window_x.data(), sc.window_bits.data(), m, static_cast<unsigned>(t), c, w);
+    }
+    const Cells& a = cells[t];
+    const double n_cells = static_cast<double>(c.hi - c.lo) + 1.0, terms = n_cells + static_cast<double>(m) + 8.0;
+    const double e = sxx + a.e + w[0];
+    const double radius = a.e_unit * h.unit_error + 1.01 * u * ((nn + 2.0) * sxx + terms * (a.e_mag + w[3]));
+    out[t].lower = (e - radius) * (1.0 - g_ref);
+    out[t].upper = (e + radius) * (1.0 + g_ref);
+    out[t].num = a.num + w[1];
+    out[t].den = a.den + w[2];
+    out[t].num_error = a.num_unit * h.unit_error + 1.01 * u * terms * (a.num_mag + w[4]) +
+                       gamma * std::sqrt(out[t].den * sxx * (1.0 + 1e-9));
+    if (!(out[t].lower <= out[t].upper)) return false;
+  }
+  return true;
+}
+
+// The search's result from exact windows of the surviving candidates (sc.order), when they decide it: one
+// candidate's upper bound below all others' lower bounds, the refined scale unambiguous from the sums'
+// bounds (as refine() computes it), and the refinement provably better or worse. Otherwise false.
+inline bool decide_by_windows(const GroupData& g, const SearchConfig& cfg, Isa isa, SearchScratch& sc,
+                              const RefineHint& hint, GroupResult& result) {
+  const std::size_t k = sc.order.size();
+  Candidate survivors[kResolveMax];
+  for (std::size_t t = 0; t < k; ++t) survivors[t] = sc.cand[sc.order[t]];
+  Resolved res[kResolveMax];
+  if (!resolve_windows(g, sc.hist, survivors, k, isa, sc, res)) return false;
+  std::size_t w = 0;
+  for (std::size_t t = 1; t < k; ++t) {
+    if (res[t].upper < res[w].upper) w = t;
+  }
+  for (std::size_t t = 0; t < k; ++t) {
+    if (t != w && !(res[w].upper < res[t].lower)) return false;
+  }
+  const Candidate& best = sc.cand[sc.order[w]];
+  result = {best.scale, best.zero_point};
+  const Resolved& r = res[w];
+  if (!cfg.refine || !(r.den > 0.0)) return true;
+  // refine(): s = num / den (monotone in num), kept only when positive, as max(f32(min(s, FLT_MAX)), FLT_MIN).
+  const double s_lo = (r.num - r.num_error) / r.den, s_hi = (r.num + r.num_error) / r.den;
+  if (!std::isfinite(s_lo) || !std::isfinite(s_hi)) return false;
+  if (!(s_hi > 0.0)) return true;
+  if (!(s_lo > 0.0)) return false;
+  const auto to_scale = [](double v) {
+    return std::max(static_cast<float>(std::min(v, static_cast<double>(FLT_MAX))), FLT_MIN);
+  };
+  const float scale = to_scale(s_lo);
+  if (to_scale(s_hi) != scale) return false;
+  if (scale == best.scale) return true;
+  const Candidate c = with_scale(best, scale);
+  if (refined_not_worse(r.num, r.den, hint, g.n, c, r.lower, r.num_error)) {
+    result = {c.scale, c.zero_point};
+    return true;
+  }
+  if (histogram_bounds(sc.hist, c, isa).lower > r.upper) return true;
+  // A near tie: the refined candidate's own exact windows.
+  Resolved refined;
+  if (!resolve_windows(g, sc.hist, &c, 1, isa, sc, &refined)) return false;
+  if (refined.upper <= r.lower) {
+    result = {c.scale, c.zero_point};
+    return true;
+  }
+  return refined.lower > r.upper;
+}
 
 #ifdef PYQSHARE_QUANT_X86
 // Appends the indices k with |x[k]| >= threshold (few: the scan tests 32 elements per branch).
@@ -1336,11 +1583,15 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   // objectives (screening bound, refinement hint).
   double weighted_sum_sq = st.weighted_sum_sq;
   if (binned) {
-    sc.hist.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), isa);
+    sc.hist.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), st.abs_sum, isa);
     weighted_sum_sq = sc.hist.sum_sq;
   } else if (!g.w && cfg.squared()) {
     weighted_sum_sq = sum_of_squares(g.x, g.n, isa);
   }
+  RefineHint hint;
+  hint.weighted_sum_sq = weighted_sum_sq;
+  hint.weight_sum = in_range_weight;
+  hint.hist = binned ? &sc.hist : nullptr;
   sc.w32 = nullptr;
   if (screen.enabled) {
     if (g.w) {
@@ -1441,6 +1692,8 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     std::sort(sc.order.begin(), sc.order.end(), [&](int a, int b) {
       return sc.bounds[a].upper < sc.bounds[b].upper || (sc.bounds[a].upper == sc.bounds[b].upper && a < b);
     });
+    GroupResult decided;
+    if (sc.order.size() <= kResolveMax && decide_by_windows(g, cfg, isa, sc, hint, decided)) return decided;
   } else if (screened_all) {
     // The most promising candidate first, the others in index order: they are mostly pruned anyway.
     const auto first = std::min_element(sc.estimate.begin(), sc.estimate.end()) - sc.estimate.begin();
@@ -1480,13 +1733,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     }
   }
   Candidate winner = sc.cand[best];
-  if (cfg.refine) {
-    RefineHint hint;
-    hint.weighted_sum_sq = weighted_sum_sq;
-    hint.weight_sum = in_range_weight;
-    hint.hist = binned ? &sc.hist : nullptr;
-    winner = refine(g, winner, best_error, cfg, isa, best_sums, &hint);
-  }
+  if (cfg.refine) winner = refine(g, winner, best_error, cfg, isa, best_sums, &hint);
   return {winner.scale, winner.zero_point};
 }
 
@@ -1573,16 +1820,19 @@ inline GroupData gather_group(const float* x, const SampleWeights& sw, const Sca
   if (n) lo = hi = g.x[0];
 #ifdef PYQSHARE_QUANT_X86
   if (n && isa != Isa::kPortable) {
-    finite = range_avx2(g.x, n, lo, hi);
+    finite = range_avx2(g.x, n, lo, hi, st.abs_sum);
   } else
 #endif
   {
+    double abs_sum = 0.0;
     for (std::size_t j = 0; j < n; ++j) {
       const float v = g.x[j];
       finite &= std::isfinite(v);
       lo = std::min(lo, v);
       hi = std::max(hi, v);
+      abs_sum += std::fabs(v);
     }
+    st.abs_sum = abs_sum;
   }
   if (!finite) {
     throw std::invalid_argument("w must be finite: group " + std::to_string(gi) +
