@@ -80,6 +80,19 @@ struct GroupData {
 };
 
 constexpr std::size_t kLanes = 16;
+
+// Cache lines of the next group, asked for a slice at a time while the current group is searched: a
+// group's first pass otherwise waits for memory, and one burst of requests is mostly dropped.
+struct Prefetch {
+  const float* next = nullptr;
+  std::size_t left = 0;  // floats not asked for yet
+  void step(std::size_t count) {
+    count = std::min(count, left);
+    for (std::size_t k = 0; k < count; k += 16) __builtin_prefetch(next + k);
+    next += count;
+    left -= count;
+  }
+};
 constexpr std::size_t kCheckEvery = 256;  // elements between early-abandon checks (a multiple of kLanes)
 
 inline double reduce_lanes(const double* lane) {
@@ -714,7 +727,7 @@ struct HistogramGroup {
   }
   double slack() const { return 0x1p-50 * std::fabs(static_cast<double>(origin)) + 0x1p-140; }
 
-  void build(const float* x, std::size_t count_in, float lo, float hi, double abs_sum, Isa isa);
+  void build(const float* x, std::size_t count_in, float lo, float hi, double abs_sum, Isa isa, Prefetch& prefetch);
 };
 
 // About two elements per bin while the packed prefix sums (8 bytes per bin) fit a 16 KB cache budget
@@ -779,7 +792,8 @@ PYQSHARE_AVX2 inline double pack_elements_avx2(const float* x, std::size_t n, fl
 #endif
 
 
-inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo, float hi, double abs_sum, Isa isa) {
+inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo, float hi, double abs_sum, Isa isa,
+                                  Prefetch& prefetch) {
   n = count_in;
   nbins = bin_count(n);
   origin = lo;
@@ -829,6 +843,7 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
       }
     }
     for (std::size_t k = 0; k < m; ++k) p[bins[k]] += values[k];
+    prefetch.step(m);
   }
   // Inclusive prefix sums over four interleaved quarters (independent chains in registers), then each
   // quarter shifted by the totals before it. Integer sums: exact in any order.
@@ -1253,6 +1268,7 @@ struct SearchScratch {
   std::vector<uint8_t> window_bits;
   float top_x[kLanes];
   double top_w[kLanes];
+  Prefetch prefetch;  // of the next group
 };
 
 // Exact windows: the error of a few candidates from the histogram's cells and the elements of their
@@ -1583,7 +1599,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   // objectives (screening bound, refinement hint).
   double weighted_sum_sq = st.weighted_sum_sq;
   if (binned) {
-    sc.hist.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), st.abs_sum, isa);
+    sc.hist.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), st.abs_sum, isa, sc.prefetch);
     weighted_sum_sq = sc.hist.sum_sq;
   } else if (!g.w && cfg.squared()) {
     weighted_sum_sq = sum_of_squares(g.x, g.n, isa);
@@ -1706,6 +1722,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   double best_error = HUGE_VAL;
   RefineSums sums, best_sums;
   for (int i : sc.order) {
+    sc.prefetch.step(g.n / 16);
     if (best < n_cand) {
       if (sc.bound[i] > best_error) continue;
       if (screened_all) {
@@ -1781,14 +1798,6 @@ inline std::size_t group_offset(const ScaleLayout& lay, const GroupBox& b) {
   return (b.o0 * lay.length + b.l0) * lay.inner + b.i0;
 }
 
-// Asks for a contiguous group's cache lines ahead of its search (the first pass over a large group
-// otherwise waits for memory line by line).
-inline void prefetch_group(const float* x, const ScaleLayout& lay, const GroupBox& b) {
-  if (!group_contiguous(lay, b)) return;
-  const float* begin = x + group_offset(lay, b);
-  const std::size_t n = std::min<std::size_t>(b.size(), std::size_t{1} << 14);
-  for (std::size_t k = 0; k < n; k += 16) __builtin_prefetch(begin + k);
-}
 
 inline GroupData gather_group(const float* x, const SampleWeights& sw, const ScaleLayout& lay,
                               const GroupBox& b, GroupBuffers& buf, GroupStats& st, std::size_t gi, Isa isa) {
@@ -1867,7 +1876,11 @@ inline void scale_search(const float* x, const SampleWeights& sw, const ScaleLay
     SearchScratch sc;
     const std::size_t g0 = task * per_task, g1 = std::min(groups, g0 + per_task);
     for (std::size_t gi = g0; gi < g1; ++gi) {
-      if (gi + 1 < g1 && group_size >= 1024) prefetch_group(x, lay, group_box(lay, gi + 1));
+      sc.prefetch = Prefetch();
+      if (gi + 1 < g1 && group_size >= 1024 && !reference) {
+        const GroupBox next = group_box(lay, gi + 1);
+        if (group_contiguous(lay, next)) sc.prefetch = {x + group_offset(lay, next), std::min<std::size_t>(next.size(), 1 << 16)};
+      }
       GroupStats st;
       const GroupData g = gather_group(x, sw, lay, group_box(lay, gi), buf, st, gi, reference ? Isa::kPortable : use);
       const GroupResult r = reference ? search_group_reference(g, st, cfg) : search_group_fast(g, st, cfg, use, sc);
