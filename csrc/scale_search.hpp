@@ -789,6 +789,39 @@ PYQSHARE_AVX2 inline double pack_elements_avx2(const float* x, std::size_t n, fl
   return squares;
 }
 
+// pack_elements_avx2 sixteen elements per step.
+PYQSHARE_AVX512 inline double pack_elements_avx512(const float* x, std::size_t n, float origin, float inv_width,
+                                                   float top, double fix, uint16_t* bins, int64_t* values) {
+  const __m512 o = _mm512_set1_ps(origin), inv = _mm512_set1_ps(inv_width), t = _mm512_set1_ps(top);
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512d scale = _mm512_set1_pd(fix), magic = _mm512_set1_pd(0x1.8p52);
+  const __m512i one = _mm512_sub_epi64(_mm512_set1_epi64(int64_t{1} << HistogramGroup::kCountShift),
+                                       _mm512_castpd_si512(magic));
+  __m512d sq0 = _mm512_setzero_pd(), sq1 = sq0;
+  std::size_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    // max_ps returns its second operand (0) for NaN, as bin() does.
+    const __m512 f = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(v, o), inv), zero), t);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bins + k), _mm512_cvtepi32_epi16(_mm512_cvttps_epi32(f)));
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v)), hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+    sq0 = _mm512_fmadd_pd(lo, lo, sq0);
+    sq1 = _mm512_fmadd_pd(hi, hi, sq1);
+    // round_to_int64 plus one count: the magic constant's bits come off with the count added.
+    _mm512_storeu_si512(values + k, _mm512_add_epi64(_mm512_castpd_si512(_mm512_add_pd(_mm512_mul_pd(lo, scale), magic)), one));
+    _mm512_storeu_si512(values + k + 8, _mm512_add_epi64(_mm512_castpd_si512(_mm512_add_pd(_mm512_mul_pd(hi, scale), magic)), one));
+  }
+  double squares = _mm512_reduce_add_pd(_mm512_add_pd(sq0, sq1));
+  for (; k < n; ++k) {
+    float f = (x[k] - origin) * inv_width;
+    f = f > 0.0f ? f : 0.0f;
+    bins[k] = static_cast<uint16_t>(static_cast<int32_t>(std::min(f, top)));
+    values[k] = (int64_t{1} << HistogramGroup::kCountShift) + round_to_int64(static_cast<double>(x[k]) * fix);
+    squares += static_cast<double>(x[k]) * x[k];
+  }
+  return squares;
+}
+
 #endif
 
 
@@ -829,7 +862,9 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
     const float* xb = x + k0;
     uint16_t* __restrict bins = bin_of.data() + k0;
 #ifdef PYQSHARE_QUANT_X86
-    if (isa != Isa::kPortable) {
+    if (isa == Isa::kAvx512) {
+      squares += pack_elements_avx512(xb, m, o, inv, top, fix, bins, values);
+    } else if (isa != Isa::kPortable) {
       squares += pack_elements_avx2(xb, m, o, inv, top, fix, bins, values);
     } else
 #endif
