@@ -1134,12 +1134,13 @@ struct ShiftBound {
   // target, and (sum q^2) s^2 as the target.
   std::vector<double> eta_from, eta_to, q2s2;
 
-  void prepare(const HistogramGroup& h, const std::vector<Candidate>& cand) {
+  // `abs_sum`: sum |x| within 1%.
+  void prepare(const HistogramGroup& h, double abs_sum_estimate, const std::vector<Candidate>& cand) {
     const double n = static_cast<double>(h.n);
     g = 1.01 * 0x1p-53 * (n / kLanes + 16.0) + 1e-12;  // computed vs real error, as finish_bounds
     shrink = (1.0 - 1e-12) / std::sqrt(1.0 + g);
     const double sum_sq = h.sum_sq * (1.0 + 1e-9) * (1.0 + 0x1p-22);  // computed with at most 2^20 roundings
-    const double abs_sum = std::sqrt(n * sum_sq);                    // sum |x| <= sqrt(n sum x^2)
+    const double abs_sum = std::min(abs_sum_estimate * 1.01, std::sqrt(n * sum_sq));  // also <= sqrt(n sum x^2)
     const double eta_x = 0x1p-23 * std::sqrt(sum_sq), eta_d = 0x1p-23 * std::sqrt(n);
     const std::size_t m = cand.size();
     eta_from.resize(m);
@@ -1708,7 +1709,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     // the best upper bound. Only candidates whose lower bound does not exceed the best upper bound are
     // evaluated exactly, smallest upper bound first.
     ShiftBound& shift = sc.shift;
-    shift.prepare(sc.hist, sc.cand);
+    shift.prepare(sc.hist, st.abs_sum, sc.cand);
     sc.bounds.assign(n_cand, ErrorBounds());
     sc.ruled_out.assign(n_cand, 0);
     double best_upper = HUGE_VAL, thr = HUGE_VAL;
