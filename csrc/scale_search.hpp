@@ -454,7 +454,7 @@ PYQSHARE_AVX512 inline void top_errors_avx512(const GroupData& g, const Candidat
 // Screening: a float32 version of the mse sum (x * (1/scale) in float32, fused x - q*scale, float32
 // lanes) that is several times cheaper than the exact sum. Codes are not clamped: an element beyond the
 // range then counts at most s / 2, no more than its real difference, so the sum stays a lower bound (the
-// clipping of the largest elements is added back through the threshold, see screen_threshold). It only
+// clipping of the largest elements is added back through the threshold, see search_group_fast). It only
 // decides abandonment: it returns true once its prefix sum exceeds `threshold`, which proves the exact
 // error exceeds the best one (see ScreenBound). A candidate that survives is then evaluated exactly.
 PYQSHARE_AVX512 inline bool screen_mse_avx512(const GroupData& g, const float* w32, const Candidate& c,
@@ -623,6 +623,40 @@ inline bool screen_mse(const GroupData& g, const float* w32, const Candidate& c,
 #endif
   return false;
 }
+
+#ifdef PYQSHARE_QUANT_X86
+// make_candidate for eight ratios at a time: the same float64 operations (IEEE division and rounding), so
+// the same candidates bit for bit.
+PYQSHARE_AVX512 inline void make_candidates_avx512(const SearchConfig& cfg, double xmin, double xmax,
+                                                   const double* ratio, int n, Candidate* out) {
+  const CodeRange range = code_range(cfg.bits, cfg.symmetric);
+  const __m512d qmax = _mm512_set1_pd(range.qmax), tiny = _mm512_set1_pd(FLT_MIN), zero = _mm512_setzero_pd();
+  const double m = std::max(std::fabs(xmin), std::fabs(xmax)), lo0 = std::min(xmin, 0.0), hi0 = std::max(xmax, 0.0);
+  for (int i0 = 0; i0 < n; i0 += 8) {
+    const __mmask8 valid = static_cast<__mmask8>(n - i0 >= 8 ? 0xFF : (1u << (n - i0)) - 1);
+    const __m512d r = _mm512_maskz_loadu_pd(valid, ratio + i0);
+    alignas(64) double scale[8], zp[8];
+    if (cfg.symmetric) {
+      const __m512d s = _mm512_div_pd(_mm512_mul_pd(r, _mm512_set1_pd(m)), qmax);
+      _mm512_store_pd(scale, _mm512_max_pd(_mm512_cvtps_pd(_mm512_cvtpd_ps(s)), tiny));
+      _mm512_store_pd(zp, zero);
+    } else {
+      const __m512d lo = _mm512_mul_pd(r, _mm512_set1_pd(lo0)), hi = _mm512_mul_pd(r, _mm512_set1_pd(hi0));
+      const __m512d s = _mm512_max_pd(_mm512_cvtps_pd(_mm512_cvtpd_ps(_mm512_div_pd(_mm512_sub_pd(hi, lo), qmax))), tiny);
+      _mm512_store_pd(scale, s);
+      const __m512d z = _mm512_roundscale_pd(_mm512_div_pd(_mm512_sub_pd(zero, lo), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm512_store_pd(zp, _mm512_min_pd(_mm512_max_pd(z, zero), qmax));
+    }
+    for (int j = 0; j < 8 && i0 + j < n; ++j) {
+      Candidate& c = out[i0 + j];
+      c.scale = static_cast<float>(scale[j]);
+      c.zero_point = static_cast<int32_t>(zp[j]);
+      c.lo = static_cast<float>(range.qmin - c.zero_point);
+      c.hi = static_cast<float>(range.qmax - c.zero_point);
+    }
+  }
+}
+#endif
 
 inline Isa detect_isa() {
 #ifdef PYQSHARE_QUANT_X86
@@ -1256,11 +1290,14 @@ struct GroupStats {
 struct ScreenBound {
   bool enabled = false;
   double xnorm = 0.0, wroot = 0.0, gamma = 0.0;
-  double threshold(double best_error, float scale) const {
+  // root(B) = sqrt(B (1 + 1e-9)): one square root per best error, not per candidate.
+  static double root(double best_error) { return std::sqrt(best_error * (1.0 + 1e-9)); }
+  double threshold_from_root(double best_root, float scale) const {
     const double slack = 0x1p-19 * (1.0 + 1e-9) * (xnorm + static_cast<double>(scale) * wroot);
-    const double root = std::sqrt(best_error * (1.0 + 1e-9)) + slack;
-    return (1.0 + gamma) * (1.0 + 0x1p-20) * root * root;
+    const double r = best_root + slack;
+    return (1.0 + gamma) * (1.0 + 0x1p-20) * r * r;
   }
+  double threshold(double best_error, float scale) const { return threshold_from_root(root(best_error), scale); }
 };
 
 inline bool degenerate(const GroupStats& s) { return s.xmin == 0.0 && s.xmax == 0.0; }
@@ -1623,7 +1660,14 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     sc.ratio.resize(n_cand);
     for (int i = 0; i < n_cand; ++i) sc.ratio[i] = clip_ratio(cfg, i);
   }
-  for (int i = 0; i < n_cand; ++i) sc.cand[i] = make_candidate(cfg, st.xmin, st.xmax, sc.ratio[i]);
+#ifdef PYQSHARE_QUANT_X86
+  if (isa == Isa::kAvx512) {
+    make_candidates_avx512(cfg, st.xmin, st.xmax, sc.ratio.data(), n_cand, sc.cand.data());
+  } else
+#endif
+  {
+    for (int i = 0; i < n_cand; ++i) sc.cand[i] = make_candidate(cfg, st.xmin, st.xmax, sc.ratio[i]);
+  }
   if (cfg.objective == Objective::kMinMax) return {sc.cand[0].scale, sc.cand[0].zero_point};
 
   const double in_range_weight = g.w ? st.weight_sum : static_cast<double>(g.n);
@@ -1755,14 +1799,14 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   }
 
   int best = n_cand;  // none yet
-  double best_error = HUGE_VAL;
+  double best_error = HUGE_VAL, best_root = HUGE_VAL;
   RefineSums sums, best_sums;
   for (int i : sc.order) {
     sc.prefetch.step(g.n / 16);
     if (best < n_cand) {
       if (sc.bound[i] > best_error) continue;
       if (screened_all) {
-        if (sc.screen_sum[i] > screen.threshold(best_error, sc.cand[i].scale)) continue;
+        if (sc.screen_sum[i] > screen.threshold_from_root(best_root, sc.cand[i].scale)) continue;
       } else if (screen.enabled) {
         // The candidate's exact error on the largest elements is known, so the other elements must
         // exceed best_error minus it; the screened prefix also holds the largest elements' own
@@ -1782,6 +1826,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     if (best == n_cand || r.error < best_error || (r.error == best_error && i < best)) {
       best = i;
       best_error = r.error;
+      best_root = ScreenBound::root(best_error);
       best_sums = sums;
     }
   }
