@@ -551,6 +551,45 @@ PYQSHARE_AVX2 inline void screen_candidates_avx2(const GroupData& g, const float
   }
 }
 
+// screen_candidates_avx2 with sixteen candidates per vector (the same accumulation: two lanes per
+// candidate, alternate elements).
+PYQSHARE_AVX512 inline void screen_candidates_avx512(const GroupData& g, const float* w32, const Candidate* cand,
+                                                     int n_cand, float* out) {
+  for (int c0 = 0; c0 < n_cand; c0 += 16) {
+    alignas(64) float scale_l[16], lo_l[16], hi_l[16];
+    for (int j = 0; j < 16; ++j) {
+      const Candidate& c = cand[std::min(c0 + j, n_cand - 1)];
+      scale_l[j] = c.scale;
+      lo_l[j] = c.lo;
+      hi_l[j] = c.hi;
+    }
+    const __m512 scale = _mm512_load_ps(scale_l), inv = _mm512_div_ps(_mm512_set1_ps(1.0f), scale);
+    const __m512 lo = _mm512_load_ps(lo_l), hi = _mm512_load_ps(hi_l);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    std::size_t k = 0;
+    for (; k + 2 <= g.n; k += 2) {
+      const __m512 x0 = _mm512_set1_ps(g.x[k]), x1 = _mm512_set1_ps(g.x[k + 1]);
+      const __m512 q0 = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x0, inv), lo), hi),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 q1 = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x1, inv), lo), hi),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 d0 = _mm512_fnmadd_ps(q0, scale, x0), d1 = _mm512_fnmadd_ps(q1, scale, x1);
+      acc0 = _mm512_fmadd_ps(w32 ? _mm512_mul_ps(_mm512_set1_ps(w32[k]), d0) : d0, d0, acc0);
+      acc1 = _mm512_fmadd_ps(w32 ? _mm512_mul_ps(_mm512_set1_ps(w32[k + 1]), d1) : d1, d1, acc1);
+    }
+    if (k < g.n) {
+      const __m512 x0 = _mm512_set1_ps(g.x[k]);
+      const __m512 q0 = _mm512_roundscale_ps(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x0, inv), lo), hi),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 d0 = _mm512_fnmadd_ps(q0, scale, x0);
+      acc0 = _mm512_fmadd_ps(w32 ? _mm512_mul_ps(_mm512_set1_ps(w32[k]), d0) : d0, d0, acc0);
+    }
+    alignas(64) float sum[16];
+    _mm512_store_ps(sum, _mm512_add_ps(acc0, acc1));
+    for (int j = 0; j < 16 && c0 + j < n_cand; ++j) out[c0 + j] = sum[j];
+  }
+}
+
 // Minimum, maximum, finiteness and (float32, at most n / 16 + 16 roundings) sum of |x| (sixteen
 // elements per step, independent chains).
 PYQSHARE_AVX2 inline bool range_avx2(const float* x, std::size_t n, float& lo_out, float& hi_out, double& abs_sum) {
@@ -1709,7 +1748,11 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   if (screened_all) {
     // Screening sums of all candidates: their order is the evaluation order, and they prune below.
     sc.screen_sum.resize(n_cand);
-    screen_candidates_avx2(g, sc.w32, sc.cand.data(), n_cand, sc.screen_sum.data());
+    if (isa == Isa::kAvx512) {
+      screen_candidates_avx512(g, sc.w32, sc.cand.data(), n_cand, sc.screen_sum.data());
+    } else {
+      screen_candidates_avx2(g, sc.w32, sc.cand.data(), n_cand, sc.screen_sum.data());
+    }
     for (int i = 0; i < n_cand; ++i) {
       sc.estimate[i] = sc.screen_sum[i];
       sc.bound[i] = 0.0;
@@ -1791,9 +1834,13 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     GroupResult decided;
     if (sc.order.size() <= kResolveMax && decide_by_windows(g, cfg, isa, sc, hint, decided)) return decided;
   } else if (screened_all) {
-    // The most promising candidate first, the others in index order: they are mostly pruned anyway.
-    const auto first = std::min_element(sc.estimate.begin(), sc.estimate.end()) - sc.estimate.begin();
-    std::rotate(sc.order.begin(), sc.order.begin() + first, sc.order.begin() + first + 1);
+    // The smallest screened sum first; the others (in index order) are filtered once its exact error is
+    // known, see below.
+    int first = 0;
+    for (int i = 1; i < n_cand; ++i) {
+      if (sc.screen_sum[i] < sc.screen_sum[first]) first = i;
+    }
+    sc.order.assign(1, first);
   } else {
     order_outward(sc.estimate, sc.order);
   }
@@ -1801,12 +1848,12 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   int best = n_cand;  // none yet
   double best_error = HUGE_VAL, best_root = HUGE_VAL;
   RefineSums sums, best_sums;
-  for (int i : sc.order) {
+  const auto consider = [&](int i) {
     sc.prefetch.step(g.n / 16);
     if (best < n_cand) {
-      if (sc.bound[i] > best_error) continue;
+      if (sc.bound[i] > best_error) return;
       if (screened_all) {
-        if (sc.screen_sum[i] > screen.threshold_from_root(best_root, sc.cand[i].scale)) continue;
+        if (sc.screen_sum[i] > screen.threshold_from_root(best_root, sc.cand[i].scale)) return;
       } else if (screen.enabled) {
         // The candidate's exact error on the largest elements is known, so the other elements must
         // exceed best_error minus it; the screened prefix also holds the largest elements' own
@@ -1817,18 +1864,29 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
         }
         const double threshold = screen.threshold(best_error - sc.top_error[i], sc.cand[i].scale) +
                                  (1.0 + screen.gamma) * (1.0 + 0x1p-40) * top_screen;
-        if (screen_mse(g, sc.w32, sc.cand[i], threshold, isa)) continue;
+        if (screen_mse(g, sc.w32, sc.cand[i], threshold, isa)) return;
       }
     }
     const bool ties_lose = i > best;
     const EvalResult r = evaluate(g, sc.cand[i], cfg, isa, best_error, ties_lose, cfg.refine ? &sums : nullptr);
-    if (!r.complete) continue;
+    if (!r.complete) return;
     if (best == n_cand || r.error < best_error || (r.error == best_error && i < best)) {
       best = i;
       best_error = r.error;
       best_root = ScreenBound::root(best_error);
       best_sums = sums;
     }
+  };
+  if (screened_all) {
+    // The smallest screened sum first; then, in a tight loop, the candidates whose screened sum does not
+    // already prove them worse than it (few pass).
+    const int first = sc.order[0];
+    consider(first);
+    for (int j = 0; j < n_cand; ++j) {
+      if (j != first && sc.screen_sum[j] <= screen.threshold_from_root(best_root, sc.cand[j].scale)) consider(j);
+    }
+  } else {
+    for (int i : sc.order) consider(i);
   }
   Candidate winner = sc.cand[best];
   if (cfg.refine) winner = refine(g, winner, best_error, cfg, isa, best_sums, &hint);
