@@ -664,8 +664,8 @@ inline bool screen_mse(const GroupData& g, const float* w32, const Candidate& c,
 }
 
 #ifdef PYQSHARE_QUANT_X86
-// make_candidate for eight ratios at a time: the same float64 operations (IEEE division and rounding), so
-// the same candidates bit for bit.
+// make_candidate for eight ratios at a time: the same float64 operations (IEEE division and rounding, no
+// fused multiply-adds), so the same candidates bit for bit.
 PYQSHARE_AVX512 inline void make_candidates_avx512(const SearchConfig& cfg, double xmin, double xmax,
                                                    const double* ratio, int n, Candidate* out) {
   const CodeRange range = code_range(cfg.bits, cfg.symmetric);
@@ -680,7 +680,8 @@ PYQSHARE_AVX512 inline void make_candidates_avx512(const SearchConfig& cfg, doub
       _mm512_store_pd(scale, _mm512_max_pd(_mm512_cvtps_pd(_mm512_cvtpd_ps(s)), tiny));
       _mm512_store_pd(zp, zero);
     } else {
-      const __m512d lo = _mm512_mul_pd(r, _mm512_set1_pd(lo0)), hi = _mm512_mul_pd(r, _mm512_set1_pd(hi0));
+      __m512d lo = _mm512_mul_pd(r, _mm512_set1_pd(lo0)), hi = _mm512_mul_pd(r, _mm512_set1_pd(hi0));
+      asm("" : "+v"(lo), "+v"(hi));  // rounded products: the compiler must not fuse them into hi - lo
       const __m512d s = _mm512_max_pd(_mm512_cvtps_pd(_mm512_cvtpd_ps(_mm512_div_pd(_mm512_sub_pd(hi, lo), qmax))), tiny);
       _mm512_store_pd(scale, s);
       const __m512d z = _mm512_roundscale_pd(_mm512_div_pd(_mm512_sub_pd(zero, lo), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
