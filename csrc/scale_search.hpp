@@ -773,6 +773,10 @@ struct HistogramGroup {
   float origin = 0.0f, inv_width = 0.0f;
   double width = 0.0, xmin = 0.0, xmax = 0.0, sum_sq = 0.0, fix = 1.0, unfix = 1.0;
   double unit_error = 0.0;  // bound on the fixed-point error of one element (0.5 / fix)
+  // finish_bounds' per-group parts: max |y|, the rounding of Sxx, and 1 -+ g where the reference's lane
+  // sums differ from the real sum by at most g = (n / 16 + 4) u of it (1e-12 covers differences rounded
+  // in float64, exact unless x and its dequantized value are 2^29 apart).
+  double abs_max = 0.0, radius_base = 0.0, shrink = 1.0, grow = 1.0;
   std::vector<int64_t> prefix;    // nbins + 1 entries
   std::vector<uint16_t> bin_of;  // the bin of every element
 
@@ -978,6 +982,11 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
   }
   for (std::size_t j = 4 * quarter; j < len; ++j) q[j] += q[j - 1];
   sum_sq = squares;
+  const double g = 1.01 * 0x1p-53 * (static_cast<double>(n) / kLanes + 16.0) + 1e-12;
+  abs_max = std::max(std::fabs(xmin), std::fabs(xmax));
+  radius_base = 1.01 * 0x1p-53 * (static_cast<double>(n) + 2.0) * sum_sq;
+  shrink = 1.0 - g;
+  grow = 1.0 + g;
 }
 
 // The bounds from the sums of the bound's parts (see HistogramGroup), which exclude Sxx.
@@ -988,18 +997,15 @@ inline ErrorBounds finish_bounds(const HistogramGroup& h, const Candidate& c, do
   // Every term is at most (|D| + |y|)^2 per element of its bins and every element enters at most two cell
   // or window terms of at most six parts: 16 n (Dmax + Xmax)^2 bounds the sum of their magnitudes.
   const double d_max = static_cast<double>(std::max(std::fabs(c.lo), std::fabs(c.hi))) * c.scale * (1.0 + 0x1p-22);
-  const double reach = d_max + std::max(std::fabs(h.xmin), std::fabs(h.xmax));
+  const double reach = d_max + h.abs_max;
   const double mag = 16.0 * n * reach * reach;
-  // Sxx: n roundings; the terms: a few roundings each plus their summation; the fixed-point values: an
-  // element's error enters its cell (factor 2 |D|) and at most one window (factor 2 |D_q| + 2 |D_q1| + delta).
-  const double radius = 1.01 * u * (n + 2.0) * h.sum_sq + 1.01 * u * (4.0 * n_cells + 8.0) * mag +
-                        8.0 * n * d_max * h.unit_error;
-  // The reference's lane sums differ from the real sum by at most (n / 16 + 4) u of it; 1e-12 covers
-  // differences rounded in float64 (exact unless x and its dequantized value are 2^29 apart).
-  const double g = 1.01 * u * (n / kLanes + 16.0) + 1e-12;
+  // Sxx: n roundings (radius_base); the terms: a few roundings each plus their summation; the fixed-point
+  // values: an element's error enters its cell (factor 2 |D|) and at most one window (factor
+  // 2 |D_q| + 2 |D_q1| + delta).
+  const double radius = h.radius_base + 1.01 * u * (4.0 * n_cells + 8.0) * mag + 8.0 * n * d_max * h.unit_error;
   ErrorBounds r;
-  r.lower = (h.sum_sq + partial_lower - radius) * (1.0 - g);
-  r.upper = (h.sum_sq + partial_upper + radius) * (1.0 + g);
+  r.lower = (h.sum_sq + partial_lower - radius) * h.shrink;
+  r.upper = (h.sum_sq + partial_upper + radius) * h.grow;
   if (!(r.lower <= r.upper)) return ErrorBounds();  // NaN from an overflow: no bounds
   return r;
 }
