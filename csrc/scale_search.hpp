@@ -1192,11 +1192,142 @@ PYQSHARE_AVX512 inline ErrorBounds histogram_bounds_avx512(const HistogramGroup&
   add_cell(h, cell_from, static_cast<int64_t>(h.nbins), static_cast<double>(c.hi * c.scale), low, up);
   return finish_bounds(h, c, low, up);
 }
+
+// Count (as int32) and sum (as float32) of the elements between two packed prefix values (four lanes;
+// the difference is non-negative after adding half a count unit, see HistogramGroup).
+PYQSHARE_AVX2 inline void unpack_difference_avx2(__m256i high, __m256i low, __m128i& count, __m128& sum) {
+  const __m256i packed = _mm256_sub_epi64(high, low);
+  const __m256i n = _mm256_srli_epi64(_mm256_add_epi64(packed, _mm256_set1_epi64x(int64_t{1} << (HistogramGroup::kCountShift - 1))),
+                                      HistogramGroup::kCountShift);
+  count = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(n, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
+  // int64 to float64 for |v| < 2^51: the bits of v + 1.5 * 2^52.
+  const __m256d magic = _mm256_set1_pd(0x1.8p52);
+  const __m256i v = _mm256_sub_epi64(packed, _mm256_slli_epi64(n, HistogramGroup::kCountShift));
+  sum = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_castsi256_pd(_mm256_add_epi64(v, _mm256_castpd_si256(magic))), magic));
+}
+
+// Lane L of v moved to lane L + 1 (four int64 lanes), lane 0 taking `last`'s lane 3.
+PYQSHARE_AVX2 inline __m256i up_one_epi64(__m256i v, __m256i last) {
+  return _mm256_blend_epi32(_mm256_permute4x64_epi64(v, _MM_SHUFFLE(2, 1, 0, 3)),
+                            _mm256_permute4x64_epi64(last, _MM_SHUFFLE(3, 3, 3, 3)), 0x03);
+}
+
+// histogram_bounds_avx512 with eight boundaries per vector (AVX2: blends for masks, four-lane gathers).
+PYQSHARE_AVX2 inline ErrorBounds histogram_bounds_avx2(const HistogramGroup& h, const Candidate& c) {
+  if (!h.valid) return ErrorBounds();
+  const std::size_t n_cells = static_cast<std::size_t>(c.hi - c.lo) + 1, n_bounds = n_cells - 1;
+  const double d_max = static_cast<double>(std::max(std::fabs(c.lo), std::fabs(c.hi))) * c.scale;
+  const double reach_max = d_max + h.abs_max;
+  if (!(static_cast<double>(h.n) * reach_max * reach_max < 0x1p100)) return histogram_bounds_scalar(h, c);
+  const __m256 s = _mm256_set1_ps(c.scale), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  const __m256 rel = _mm256_set1_ps(0x1p-17f), tiny = _mm256_set1_ps(0x1p-140f), zero = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 origin = _mm256_set1_ps(h.origin), inv = _mm256_set1_ps(h.inv_width);
+  const __m256 top = _mm256_set1_ps(static_cast<float>(h.nbins - 1)), finite_max = _mm256_set1_ps(FLT_MAX);
+  const __m256 xmin_f = _mm256_set1_ps(static_cast<float>(h.xmin)), xmax_f = _mm256_set1_ps(static_cast<float>(h.xmax));
+  const __m256 lanes = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const double origin_slack = h.slack() + 0x1p-22 * std::fabs(static_cast<double>(h.origin));
+  const __m256 origin_lo = _mm256_set1_ps(static_cast<float>(h.origin - origin_slack));
+  const __m256 origin_hi = _mm256_set1_ps(static_cast<float>(h.origin + origin_slack));
+  const __m256 w_lo = _mm256_set1_ps(static_cast<float>(h.width * (1.0 - 0x1p-19)));
+  const __m256 w_hi = _mm256_set1_ps(static_cast<float>(h.width * (1.0 + 0x1p-19)));
+  const __m256 mu2 = _mm256_set1_ps(static_cast<float>(2.0 * 0x1p-20 * (d_max + 2.0 * c.scale)));
+  const __m256 unfix = _mm256_set1_ps(static_cast<float>(h.unfix));
+  const __m256i up_one = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
+  const __m256i minus_one = _mm256_set1_epi32(-1), nbins = _mm256_set1_epi32(static_cast<int32_t>(h.nbins));
+  const long long* prefix = reinterpret_cast<const long long*>(h.prefix.data());
+  __m256 lower = zero, upper = zero, mag = zero;
+  __m256i carry_from = _mm256_setzero_si256(), carry_prefix = _mm256_setzero_si256();  // lane 7 / 3
+  int32_t cell_from = 0;
+  for (std::size_t j0 = 0; j0 < n_bounds; j0 += 8) {
+    const std::size_t left = n_bounds - j0;
+    const __m256 active = _mm256_cmp_ps(lanes, _mm256_set1_ps(static_cast<float>(std::min<std::size_t>(left, 8))), _CMP_LT_OQ);
+    const __m256 q = _mm256_add_ps(_mm256_set1_ps(c.lo + static_cast<float>(j0)), lanes);
+    const __m256 dq = _mm256_mul_ps(q, s), dq1 = _mm256_mul_ps(_mm256_add_ps(q, one), s);
+    const __m256 finite = _mm256_and_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, dq), finite_max, _CMP_LE_OQ),
+                                        _mm256_cmp_ps(_mm256_andnot_ps(sign, dq1), finite_max, _CMP_LE_OQ));
+    if (_mm256_movemask_ps(_mm256_andnot_ps(finite, active))) return ErrorBounds();
+    const __m256 t = _mm256_mul_ps(_mm256_add_ps(q, half), s);
+    const __m256 margin = _mm256_fmadd_ps(_mm256_andnot_ps(sign, t), rel, tiny);
+    const __m256 lw = _mm256_sub_ps(t, margin), uw = _mm256_add_ps(t, margin);
+    // bin(): max_ps returns its second operand (0) for NaN, as bin() does.
+    __m256i bl = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(lw, origin), inv), zero), top));
+    __m256i bu = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(uw, origin), inv), zero), top));
+    const __m256i below = _mm256_castps_si256(_mm256_cmp_ps(uw, xmin_f, _CMP_LT_OQ));
+    const __m256i above = _mm256_castps_si256(_mm256_cmp_ps(lw, xmax_f, _CMP_GT_OQ));
+    bl = _mm256_blendv_epi8(_mm256_blendv_epi8(bl, _mm256_setzero_si256(), below), nbins, above);
+    bu = _mm256_blendv_epi8(_mm256_blendv_epi8(bu, minus_one, below), _mm256_add_epi32(nbins, minus_one), above);
+    const __m256i bu1 = _mm256_sub_epi32(bu, minus_one);
+    const __m256i from = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(bu1, up_one),
+                                            _mm256_permutevar8x32_epi32(carry_from, _mm256_set1_epi32(7)), 0x01);
+    if (_mm256_movemask_ps(_mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(from, bl)), active))) {
+      return ErrorBounds();  // windows touch
+    }
+    __m128i n_c[2], n_w[2];
+    __m128 s_c[2], s_w[2];
+    __m256i p_bu1[2];
+    for (int k = 0; k < 2; ++k) {
+      const __m128i bl4 = k ? _mm256_extracti128_si256(bl, 1) : _mm256_castsi256_si128(bl);
+      const __m128i bu14 = k ? _mm256_extracti128_si256(bu1, 1) : _mm256_castsi256_si128(bu1);
+      const __m256i p_bl = _mm256_i32gather_epi64(prefix, bl4, 8);
+      p_bu1[k] = _mm256_i32gather_epi64(prefix, bu14, 8);
+      const __m256i p_from = up_one_epi64(p_bu1[k], k ? p_bu1[0] : carry_prefix);
+      unpack_difference_avx2(p_bl, p_from, n_c[k], s_c[k]);
+      unpack_difference_avx2(p_bu1[k], p_bl, n_w[k], s_w[k]);
+    }
+    const __m256 n_cell = _mm256_cvtepi32_ps(_mm256_set_m128i(n_c[1], n_c[0]));
+    const __m256 n_window = _mm256_cvtepi32_ps(_mm256_set_m128i(n_w[1], n_w[0]));
+    const __m256 s_cell = _mm256_mul_ps(_mm256_set_m128(s_c[1], s_c[0]), unfix);
+    const __m256 s_window = _mm256_mul_ps(_mm256_set_m128(s_w[1], s_w[0]), unfix);
+    const __m256 two_sc = _mm256_add_ps(s_cell, s_cell);
+    const __m256 cell = _mm256_mul_ps(dq, _mm256_fmsub_ps(dq, n_cell, two_sc));
+    const __m256 delta = _mm256_sub_ps(dq1, dq), mid = _mm256_mul_ps(half, _mm256_add_ps(dq, dq1));
+    const __m256 h2 = _mm256_mul_ps(half, _mm256_fmadd_ps(dq, dq, _mm256_mul_ps(dq1, dq1)));
+    const __m256 two_m_sw = _mm256_mul_ps(_mm256_add_ps(mid, mid), s_window);
+    const __m256 avg = _mm256_fmsub_ps(h2, n_window, two_m_sw);
+    const __m256 dev = _mm256_mul_ps(delta, _mm256_andnot_ps(sign, _mm256_fnmadd_ps(n_window, mid, s_window)));
+    const __m256 lowest = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bl), w_lo, origin_lo);
+    const __m256 highest = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bu1), w_hi, origin_hi);
+    const __m256 reach = _mm256_max_ps(_mm256_max_ps(_mm256_sub_ps(mid, lowest), _mm256_sub_ps(highest, mid)), zero);
+    const __m256 dn = _mm256_mul_ps(delta, n_window);
+    lower = _mm256_add_ps(lower, _mm256_and_ps(active, _mm256_add_ps(cell, _mm256_fnmadd_ps(dn, reach, avg))));
+    upper = _mm256_add_ps(upper, _mm256_and_ps(active, _mm256_add_ps(cell, _mm256_fmadd_ps(dn, mu2, _mm256_sub_ps(avg, dev)))));
+    const __m256 cell_mag = _mm256_mul_ps(_mm256_andnot_ps(sign, dq),
+                                          _mm256_fmadd_ps(_mm256_andnot_ps(sign, dq), n_cell, _mm256_andnot_ps(sign, two_sc)));
+    const __m256 window_mag = _mm256_add_ps(_mm256_fmadd_ps(h2, n_window, _mm256_andnot_ps(sign, two_m_sw)),
+                                            _mm256_fmadd_ps(dn, _mm256_add_ps(reach, mu2), dev));
+    mag = _mm256_add_ps(mag, _mm256_and_ps(active, _mm256_add_ps(cell_mag, window_mag)));
+    if (left > 8) {
+      carry_from = bu1;
+      carry_prefix = p_bu1[1];
+    } else {
+      alignas(32) int32_t ends[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ends), bu1);
+      cell_from = ends[left - 1];
+    }
+  }
+  alignas(32) float lo_l[8], up_l[8], mag_l[8];
+  _mm256_store_ps(lo_l, lower);
+  _mm256_store_ps(up_l, upper);
+  _mm256_store_ps(mag_l, mag);
+  double low = 0.0, up = 0.0, mag_sum = 0.0;
+  for (int j = 0; j < 8; ++j) {
+    low += lo_l[j];
+    up += up_l[j];
+    mag_sum += mag_l[j];
+  }
+  const double float_error = 0x1p-21 * mag_sum * 1.01 + 0x1p-130;
+  low -= float_error;
+  up += float_error;
+  add_cell(h, cell_from, static_cast<int64_t>(h.nbins), static_cast<double>(c.hi * c.scale), low, up);
+  return finish_bounds(h, c, low, up);
+}
 #endif
 
 inline ErrorBounds histogram_bounds(const HistogramGroup& h, const Candidate& c, Isa isa) {
 #ifdef PYQSHARE_QUANT_X86
   if (isa == Isa::kAvx512) return histogram_bounds_avx512(h, c);
+  if (isa == Isa::kAvx2) return histogram_bounds_avx2(h, c);
 #endif
   (void)isa;
   return histogram_bounds_scalar(h, c);
