@@ -18,11 +18,14 @@
 //   refinement: k = code - zero_point of the winner, s* = sum(w x k) / sum(w k k) (zero point kept);
 //     f32(s*) replaces the winner when its error is not larger.
 //
-// The fast search returns exactly the reference's answer: candidates are tried outward from the best
-// cheap estimate, and a candidate is dropped only when it is provably worse than the best so far: by an
-// exact lower bound from the largest elements (with a rounding margin), by a float32 screening pass whose
-// prefix sums bound the exact error from below (ScreenBound), by the cell sums of the binned screening
-// (BinnedGroup), or by early abandoning of the exact sum (its partial sums can only grow).
+// The fast search returns exactly the reference's answer: a candidate is dropped only when it is provably
+// worse than another: by an exact lower bound from the largest elements (with a rounding margin), by a
+// float32 screening pass whose prefix sums bound the exact error from below (ScreenBound), by early
+// abandoning of the exact sum (its partial sums can only grow), and for groups with many elements per
+// code by two-sided bounds from a histogram of the group (HistogramGroup), carried to neighbouring
+// candidates (ShiftBound), after which exact windows (resolve_windows) usually decide the winner and its
+// refinement without any full evaluation. Exact evaluations use a float32 fast path that is exact where it
+// runs (FastCandidate*); the refinement is often decided from the winner's sums (refined_not_worse).
 #pragma once
 
 #include <algorithm>
@@ -755,11 +758,11 @@ inline void cell_thresholds(double q_half, double s, float& lower_f, float& uppe
 // disjoint, else no bounds), and with a = (y - D_q)^2, b = (y - D_q1)^2, delta = D_q1 - D_q, m their midpoint:
 // min(a, b) = (a + b) / 2 - delta |y - m|. The reference's code is the nearer one except within
 // mu = 2^-20 (|q| + 2) s of m (a rounding of y / s or of D; it then costs at most 2 delta mu more), so a
-// window's error lies in [(A + B) / 2 - delta N W, min(A, B, (A + B) / 2 - delta |S - N m|) + 2 delta mu N]
-// (A, B: sums of a, b from the window's count N and sum S; W >= |y - m| from the bins' value ranges).
-// A computed radius covers the float64 roundings of these sums and of the reference's own lane sums.
-// The bounds are about 1e-4 relative wide at four bins per ... element (nbins = n): they leave one or two
-// candidates for exact evaluation.
+// window's error lies in [(A + B) / 2 - delta N W, min(A, B) + 2 delta mu N], min(A, B) being
+// (A + B) / 2 - delta |S - N m| (A, B: sums of a, b from the window's count N and sum S; W >= |y - m| from
+// the bins' value ranges). A computed radius covers the roundings of these sums, of the fixed-point
+// element values and of the reference's own lane sums. With two elements per bin the bounds are a few
+// 1e-4 relative wide: they leave one or two candidates, which resolve_windows then separates.
 struct ErrorBounds {
   double lower = 0.0, upper = HUGE_VAL;
 };
@@ -1851,11 +1854,11 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   ScreenBound screen;
   screen.enabled = isa != Isa::kPortable && cfg.squared() && g.n <= 65536 && std::max(-st.xmin, st.xmax) <= 1e15;
   const bool screened_all = screen.enabled && g.n <= kSmallGroup;
-  const bool binned = !screened_all && use_histogram(g, cfg);
+  const bool histogram = !screened_all && use_histogram(g, cfg);
   // sum(w x^2): the histogram build computes it on the way; unweighted groups need it for the squared
   // objectives (screening bound, refinement hint).
   double weighted_sum_sq = st.weighted_sum_sq;
-  if (binned) {
+  if (histogram) {
     sc.hist.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), st.abs_sum, isa, sc.prefetch);
     weighted_sum_sq = sc.hist.sum_sq;
   } else if (!g.w && cfg.squared()) {
@@ -1864,7 +1867,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   RefineHint hint;
   hint.weighted_sum_sq = weighted_sum_sq;
   hint.weight_sum = in_range_weight;
-  hint.hist = binned ? &sc.hist : nullptr;
+  hint.hist = histogram ? &sc.hist : nullptr;
   sc.w32 = nullptr;
   if (screen.enabled) {
     if (g.w) {
@@ -1928,7 +1931,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
       sc.estimate[i] = sc.bound[i] + in_range_weight * (p == 2.0 ? half * half : std::pow(half, p)) / (p + 1.0);
     }
   }
-  if (binned) {
+  if (histogram) {
     // Histogram bounds: first the most promising candidate and its neighbours, then each side from its
     // far end inwards, where a bound carries over to the next candidates (ShiftBound) until it drops to
     // the best upper bound. Only candidates whose lower bound does not exceed the best upper bound are

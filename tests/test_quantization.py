@@ -299,7 +299,7 @@ def test_fast_equals_reference_realistic_rows(bits, symmetric, weighted):
 
 
 def binned_rows(kind, n, seed):
-    """Rows for the binned screening (unweighted mse, n >= 64 * 2^bits): awkward value layouts."""
+    """Rows for the histogram bounds (unweighted mse, n >= 64 * 2^bits): awkward value layouts."""
     rng = np.random.default_rng(seed)
     if kind == "t":
         return (rng.standard_t(4, size=(3, n)) * 0.02).astype(np.float32)
@@ -333,7 +333,7 @@ def binned_rows(kind, n, seed):
                                   "zeros_and_row", "positive", "huge"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_binned_screening_equals_reference(kind, bits):
-    """Groups with at least 64 elements per code take the binned screening: still the brute force's answer."""
+    """Groups with at least 64 elements per code take the histogram bounds: still the brute force's answer."""
     n = (64 << bits) + 37
     w = binned_rows(kind, n, bits)
     for symmetric in (True, False):
