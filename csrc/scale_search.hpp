@@ -460,6 +460,15 @@ PYQSHARE_AVX512 inline void top_errors_avx512(const GroupData& g, const Candidat
 // clipping of the largest elements is added back through the threshold, see search_group_fast). It only
 // decides abandonment: it returns true once its prefix sum exceeds `threshold`, which proves the exact
 // error exceeds the best one (see ScreenBound). A candidate that survives is then evaluated exactly.
+// Sixteen screening terms (elements in mask m) into one accumulator.
+PYQSHARE_AVX512 inline __m512 screen_step_avx512(const float* x, const float* w32, __mmask16 m, __m512 inv,
+                                                 __m512 scale, __m512 acc) {
+  const __m512 v = _mm512_maskz_loadu_ps(m, x);
+  const __m512 d = _mm512_fnmadd_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                    scale, v);
+  return _mm512_fmadd_ps(w32 ? _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w32), d) : d, d, acc);
+}
+
 PYQSHARE_AVX512 inline bool screen_mse_avx512(const GroupData& g, const float* w32, const Candidate& c,
                                               double threshold) {
   const __m512 inv = _mm512_set1_ps(1.0f / c.scale), scale = _mm512_set1_ps(c.scale);
@@ -467,21 +476,14 @@ PYQSHARE_AVX512 inline bool screen_mse_avx512(const GroupData& g, const float* w
   std::size_t k = 0;
   while (k < g.n) {
     const std::size_t stop = std::min(g.n, k + kCheckEvery);
-    for (; k < stop; k += 32) {
-      const unsigned rest = static_cast<unsigned>(std::min<std::size_t>(stop - k, 32));
-      const __mmask16 m0 = static_cast<__mmask16>(rest >= 16 ? 0xFFFF : (1u << rest) - 1);
-      const __mmask16 m1 = static_cast<__mmask16>(rest > 16 ? (rest == 32 ? 0xFFFF : (1u << (rest - 16)) - 1) : 0);
-      const __m512 x0 = _mm512_maskz_loadu_ps(m0, g.x + k), x1 = _mm512_maskz_loadu_ps(m1, g.x + k + 16);
-      const __m512 q0 = _mm512_roundscale_ps(_mm512_mul_ps(x0, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 q1 = _mm512_roundscale_ps(_mm512_mul_ps(x1, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 d0 = _mm512_fnmadd_ps(q0, scale, x0), d1 = _mm512_fnmadd_ps(q1, scale, x1);
-      if (w32) {
-        acc0 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m0, w32 + k), d0), d0, acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m1, w32 + k + 16), d1), d1, acc1);
-      } else {
-        acc0 = _mm512_fmadd_ps(d0, d0, acc0);
-        acc1 = _mm512_fmadd_ps(d1, d1, acc1);
-      }
+    for (; k + 32 <= stop; k += 32) {
+      acc0 = screen_step_avx512(g.x + k, w32 ? w32 + k : nullptr, 0xFFFF, inv, scale, acc0);
+      acc1 = screen_step_avx512(g.x + k + 16, w32 ? w32 + k + 16 : nullptr, 0xFFFF, inv, scale, acc1);
+    }
+    for (; k < stop; k += 16) {  // only at the very end
+      const std::size_t rest = std::min<std::size_t>(stop - k, 16);
+      acc0 = screen_step_avx512(g.x + k, w32 ? w32 + k : nullptr, static_cast<__mmask16>(rest >= 16 ? 0xFFFF : (1u << rest) - 1),
+                                inv, scale, acc0);
     }
     if (static_cast<double>(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))) > threshold) return true;
   }
