@@ -490,6 +490,24 @@ PYQSHARE_AVX512 inline bool screen_mse_avx512(const GroupData& g, const float* w
   return false;
 }
 
+// The screening terms of at most sixteen elements, exactly as the screening kernels compute them
+// (weighted by w32 when given), summed in float64.
+PYQSHARE_AVX512 inline double screen_terms_avx512(const float* x, const float* w32, std::size_t m, const Candidate& c) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
+  const __m512 v = _mm512_maskz_loadu_ps(mask, x);
+  const __m512 d = _mm512_fnmadd_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.0f / c.scale)),
+                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                    _mm512_set1_ps(c.scale), v);
+  const __m512d d0 = _mm512_cvtps_pd(_mm512_castps512_ps256(d)), d1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(d, 1));
+  __m512d sq0 = _mm512_mul_pd(d0, d0), sq1 = _mm512_mul_pd(d1, d1);
+  if (w32) {
+    const __m512 w = _mm512_maskz_loadu_ps(mask, w32);
+    sq0 = _mm512_mul_pd(sq0, _mm512_cvtps_pd(_mm512_castps512_ps256(w)));
+    sq1 = _mm512_mul_pd(sq1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(w, 1)));
+  }
+  return _mm512_reduce_add_pd(_mm512_add_pd(sq0, sq1));
+}
+
 PYQSHARE_AVX2 inline bool screen_mse_avx2(const GroupData& g, const float* w32, const Candidate& c,
                                           double threshold) {
   const __m256 inv = _mm256_set1_ps(1.0f / c.scale), scale = _mm256_set1_ps(c.scale);
@@ -1521,7 +1539,7 @@ struct SearchScratch {
   std::vector<uint32_t> window_index;
   std::vector<float> window_x;
   std::vector<uint8_t> window_bits;
-  float top_x[kLanes];
+  float top_x[kLanes], top_w32[kLanes];
   double top_w[kLanes];
   Prefetch prefetch;  // of the next group
 };
@@ -1909,6 +1927,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
     for (std::size_t j = 0; j < sc.top.size(); ++j) {
       sc.top_x[j] = g.x[sc.top[j]];
       sc.top_w[j] = g.w ? g.w[sc.top[j]] : 1.0;
+      sc.top_w32[j] = static_cast<float>(sc.top_w[j]);
     }
     GroupData top;
     top.n = sc.top.size();
@@ -2002,8 +2021,15 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
         // exceed best_error minus it; the screened prefix also holds the largest elements' own
         // (unclamped) screening terms.
         double top_screen = 0.0;
-        for (std::size_t j = 0; j < sc.top.size(); ++j) {
-          top_screen += (g.w ? static_cast<double>(sc.w32[sc.top[j]]) : 1.0) * screen_term_upper(sc.top_x[j], sc.cand[i]);
+#ifdef PYQSHARE_QUANT_X86
+        if (isa == Isa::kAvx512) {
+          top_screen = screen_terms_avx512(sc.top_x, g.w ? sc.top_w32 : nullptr, sc.top.size(), sc.cand[i]);
+        } else
+#endif
+        {
+          for (std::size_t j = 0; j < sc.top.size(); ++j) {
+            top_screen += (g.w ? static_cast<double>(sc.top_w32[j]) : 1.0) * screen_term_upper(sc.top_x[j], sc.cand[i]);
+          }
         }
         const double threshold = screen.threshold(best_error - sc.top_error[i], sc.cand[i].scale) +
                                  (1.0 + screen.gamma) * (1.0 + 0x1p-40) * top_screen;
