@@ -2011,9 +2011,9 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   double best_error = HUGE_VAL, best_root = HUGE_VAL;
   RefineSums sums, best_sums;
   const auto consider = [&](int i) {
-    sc.prefetch.step(g.n / 16);
+    if (best < n_cand && sc.bound[i] > best_error) return;
+    sc.prefetch.step(g.n / 16);  // a slice per screened or evaluated candidate: about one row per group
     if (best < n_cand) {
-      if (sc.bound[i] > best_error) return;
       if (screened_all) {
         if (sc.screen_sum[i] > screen.threshold_from_root(best_root, sc.cand[i].scale)) return;
       } else if (screen.enabled) {
