@@ -299,7 +299,7 @@ def test_fast_equals_reference_realistic_rows(bits, symmetric, weighted):
 
 
 def binned_rows(kind, n, seed):
-    """Rows for the binned screening (unweighted mse, n >= 64 * 2^bits): awkward value layouts."""
+    """Rows for the histogram bounds (unweighted mse, n >= 64 * 2^bits): awkward value layouts."""
     rng = np.random.default_rng(seed)
     if kind == "t":
         return (rng.standard_t(4, size=(3, n)) * 0.02).astype(np.float32)
@@ -333,7 +333,7 @@ def binned_rows(kind, n, seed):
                                   "zeros_and_row", "positive", "huge"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_binned_screening_equals_reference(kind, bits):
-    """Groups with at least 64 elements per code take the binned screening: still the brute force's answer."""
+    """Groups with at least 64 elements per code take the histogram bounds: still the brute force's answer."""
     n = (64 << bits) + 37
     w = binned_rows(kind, n, bits)
     for symmetric in (True, False):
@@ -359,6 +359,37 @@ def test_binned_screening_property(bits, extra, grid, symmetric, lp2, seed):
         got = core_search(w, bits, symmetric=symmetric, grid=grid, objective=objective, isa=isa)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_large_groups_equal_reference():
+    """Groups with more than 4096 elements: finer histograms (more than 2048 bins, the scalar window scan)."""
+    rng = np.random.default_rng(11)
+    w = (rng.standard_t(4, size=(2, 40000)) * 0.02).astype(np.float32)
+    w[1] = np.round(w[1] * 64) / 64  # many exact grid hits
+    for bits in (2, 4):
+        for symmetric in (True, False):
+            want = core_search(w, bits, symmetric=symmetric, reference=True)
+            for isa in ISAS:
+                got = core_search(w, bits, symmetric=symmetric, isa=isa)
+                np.testing.assert_array_equal(got[0], want[0])
+                np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_candidates_equal_reference_in_many_groups():
+    """Thousands of tiny groups of all magnitudes: every candidate (scale, zero point) is made as the reference
+    makes it, whichever instruction set builds them (no fused multiply-add may round differently)."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_t(3, size=(2, 6000)) * 10.0 ** rng.uniform(-8, 8, size=6000)
+    # A group where a fused r * hi - r * lo once rounded one asymmetric scale differently.
+    fused = np.array([[0xC08A0109], [0x40C2E892]], np.uint32).view(np.float32)
+    w = np.concatenate([w.astype(np.float32), fused], axis=1)
+    for bits in (2, 3, 8):
+        for symmetric in (True, False):
+            want = core_search(w, bits, axis=1, symmetric=symmetric, refine=False, reference=True)
+            for isa in ISAS:
+                got = core_search(w, bits, axis=1, symmetric=symmetric, refine=False, isa=isa)
+                np.testing.assert_array_equal(got[0], want[0])
+                np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_binned_screening_thread_invariance():
