@@ -113,9 +113,8 @@ from pyqshare.model import Weight, find_weights, iter_graphs, replace_weight
 from pyqshare.quantization.pipeline import (
     QuantizedModel,
     _consumer_node,
-    _gram_input,
-    _input_grams,
     _layer_input,
+    layer_input_grams,
     quantize_model,
 )
 from pyqshare.quantization.scheme import ACTIVATION_BITS, LINEAR_ROLES, WEIGHT_BITS, QuantScheme, WeightScheme
@@ -486,8 +485,7 @@ def prune_model(
     unmatched = [key for key, _ in config.layer_sparsity if key not in matched]
 
     # Gram matrices serve the re-fit, the importance scores and the summary's output SQNRs.
-    layer_inputs = {w.name: tensor for w, _ in plan if (tensor := _gram_input(model, w))}
-    grams = _input_grams(model, samples, layer_inputs, model_dir)
+    grams = layer_input_grams(model, samples, [w for w, _ in plan], model_dir=model_dir)
     conv_norms = _conv_input_norms(model, samples, [w for w, _ in plan], model_dir) \
         if config.criterion == "weight_importance" else {}
 

@@ -139,9 +139,8 @@ def quantize_model(
         model, samples, method=scheme.activation_method, bits=scheme.activation_bits, model_dir=model_dir
     )
     schemes = {w.name: overrides.get(w.name, scheme.weights) for w in linear}
-    layer_inputs = {w.name: _gram_input(model, w) for w in linear if schemes[w.name].rounding != "nearest"}
-    layer_inputs = {name: tensor for name, tensor in layer_inputs.items() if tensor is not None}
-    grams = _input_grams(model, samples, layer_inputs, model_dir)
+    rounded = [w for w in linear if schemes[w.name].rounding != "nearest"]
+    grams = layer_input_grams(model, samples, rounded, model_dir=model_dir)
 
     result = QuantizedModel(model)
     weight_scales: dict[str, np.ndarray] = {}
@@ -323,7 +322,8 @@ def _quantize_static(model: onnx.ModelProto, weight: Weight, bits: int, elem_typ
 
 
 def layer_input_grams(
-    model: onnx.ModelProto, samples: Sequence[Sample], weights: Sequence[Weight], *, model_dir=None
+    model: onnx.ModelProto, samples: Sequence[Sample], weights: Sequence[Weight], *, model_dir=None,
+    dtype=np.float64,
 ) -> dict[str, np.ndarray]:
     """``X^T X`` of each weight's layer input over ``samples``: what GPTQ and AdaRound rounding need.
 
@@ -337,9 +337,11 @@ def layer_input_grams(
         Linear-layer weights; those not multiplied with a 2-D-reducible MatMul/Gemm input are left out.
     model_dir
         Folder of the model's external data.
+    dtype
+        Precision of each sample's product (float32 is faster); the sum over samples is float64.
     """
     layer_inputs = {weight.name: _gram_input(model, weight) for weight in weights}
-    return _input_grams(model, samples, {n: t for n, t in layer_inputs.items() if t is not None}, model_dir)
+    return _input_grams(model, samples, {n: t for n, t in layer_inputs.items() if t is not None}, model_dir, dtype)
 
 
 def fake_quantize_linear(weight: Weight, scheme: WeightScheme, gram: np.ndarray | None = None) -> np.ndarray:
