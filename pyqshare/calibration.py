@@ -45,7 +45,7 @@ import os
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -495,6 +495,7 @@ def collect_activation_ranges(
     percentile: float = 99.99,
     symmetric: bool = False,
     model_dir: str | os.PathLike[str] | None = None,
+    on_activation: Callable[[str, np.ndarray], None] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Calibrated ``(min, max)`` of float activations over the samples, each range widened to include 0.
 
@@ -521,6 +522,9 @@ def collect_activation_ranges(
         Ranges symmetric about 0: ``(-t, t)``.
     model_dir
         Folder of a ModelProto's external data (see :func:`cpu_session`).
+    on_activation
+        Called as ``(tensor name, values)`` for every measured tensor of every sample, once: other
+        statistics (GPTQ's Gram matrices) share this onnxruntime pass.
 
     Returns
     -------
@@ -551,6 +555,8 @@ def collect_activation_ranges(
         stats = {name: _TensorStats() for name in [*fed_inputs, *outputs]}
         for name, values in activations():
             stats[name].observe(values)
+            if on_activation is not None:
+                on_activation(name, values)
         if method != "minmax":
             for stat in stats.values():
                 stat.start_histogram(symmetric)

@@ -24,7 +24,7 @@ from pyqshare.quantization.mixed_precision import (
     measure_sensitivity,
     noise_power,
 )
-from pyqshare.quantization.pipeline import layer_input_grams
+from pyqshare.quantization.layers import layer_input_grams
 
 SEQUENCE = 8  # the HTP simulator computes LayerNorm -> MatMul wrongly at sequence 16 with 16-bit activations
 

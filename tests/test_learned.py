@@ -21,7 +21,7 @@ from pyqshare.quantization.adaround import adaround
 from pyqshare.quantization.bias_correction import BiasCorrection, add_missing_biases
 from pyqshare.quantization.folding import fold_batch_norms
 from pyqshare.quantization.pipeline import quantize_model
-from pyqshare.quantization.rounding import gptq_round
+from pyqshare.quantization.rounding import gptq_round, inverse_upper_cholesky
 from pyqshare.quantization.scheme import QuantScheme, WeightScheme
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +214,18 @@ def test_adaround_and_gptq_on_the_same_layer():
         "gptq": output_error(x, weight, gptq_round(weight, scale, zero_point.astype(np.float64), -8, 7, gram), scale),
     }
     assert errors["gptq"] < errors["adaround"] < errors["nearest"], errors
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 127, 128, 129, 300, 515])
+def test_gptq_factor_is_the_upper_cholesky_factor_of_the_inverse(size):
+    """The blocked triangular route gives what the textbook cholesky(inv(H)).T gives, across block splits."""
+    rng = np.random.default_rng(size)
+    x = rng.standard_normal((size + 7, size)) * rng.uniform(0.01, 10.0, size)
+    gram = x.T @ x + 1e-3 * np.eye(size)
+    upper = inverse_upper_cholesky(gram)
+    assert np.array_equal(upper, np.triu(upper)) and np.all(np.diag(upper) > 0)
+    expected = np.linalg.cholesky(np.linalg.inv(gram)).T
+    np.testing.assert_allclose(upper, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
 
 
 # ------------------------------------------------------------------------------------------------ bias correction

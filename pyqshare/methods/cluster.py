@@ -90,7 +90,8 @@ from pyqshare.kernels.clustering import MAX_CLUSTERS
 from pyqshare.methods.common import MethodContext, add_common_arguments, run_method
 from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS, DEFAULT_ACTIVATION_METHOD
 from pyqshare.model import find_weights, replace_weight
-from pyqshare.quantization.pipeline import QuantizedModel, _gram_input, _input_grams, quantize_model
+from pyqshare.quantization.layers import gram_input, tensor_grams
+from pyqshare.quantization.pipeline import QuantizedModel, quantize_model
 from pyqshare.quantization.rounding import gptq_assign
 from pyqshare.quantization.scheme import ACTIVATION_BITS, LINEAR_ROLES, QuantScheme, WeightScheme
 
@@ -492,10 +493,9 @@ def cluster_model(
     candidates = _candidates(clusters, adaptive=min_sqnr_db is not None)
     weights = [w for w in find_weights(model, model_dir, min_elements=min_elements)
                if w.role in LINEAR_ROLES and w.channel_axis is not None]
-    layer_inputs = {w.name: _gram_input(model, w) for w in weights}
-    layer_inputs = {name: tensor for name, tensor in layer_inputs.items() if tensor is not None}
-    grams = _input_grams(model, samples, layer_inputs, model_dir, dtype=np.float32)  # float64 sums
-    statistics = {tensor: LayerInputs(grams[name]) for name, tensor in layer_inputs.items()}
+    layer_inputs = {w.name: tensor for w in weights if (tensor := gram_input(model, w)) is not None}
+    grams = tensor_grams(model, samples, set(layer_inputs.values()), model_dir=model_dir, dtype=np.float32)
+    statistics = {tensor: LayerInputs(gram) for tensor, gram in grams.items()}
 
     results = {}
     for weight in weights:

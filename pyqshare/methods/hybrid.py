@@ -85,7 +85,8 @@ from pyqshare.quantization.mixed_precision import (
     noise_power,
     weight_scheme,
 )
-from pyqshare.quantization.pipeline import QuantizedModel, layer_input_grams, quantize_model
+from pyqshare.quantization.layers import layer_input_grams
+from pyqshare.quantization.pipeline import QuantizedModel, quantize_model
 from pyqshare.quantization.scheme import ACTIVATION_BITS, QuantScheme
 
 RECOMMENDED = {

@@ -110,13 +110,8 @@ from pyqshare.kernels.sparsity import MAX_M
 from pyqshare.methods.common import MethodContext, add_common_arguments, load_layer_map, run_method
 from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS, DEFAULT_ACTIVATION_METHOD
 from pyqshare.model import Weight, find_weights, iter_graphs, replace_weight
-from pyqshare.quantization.pipeline import (
-    QuantizedModel,
-    _consumer_node,
-    _layer_input,
-    layer_input_grams,
-    quantize_model,
-)
+from pyqshare.quantization.layers import consumer_node, layer_input, layer_input_grams
+from pyqshare.quantization.pipeline import QuantizedModel, quantize_model
 from pyqshare.quantization.scheme import ACTIVATION_BITS, LINEAR_ROLES, WEIGHT_BITS, QuantScheme, WeightScheme
 
 PRUNING_METHODS = ("magnitude", "structured", "weight_importance")
@@ -574,7 +569,7 @@ def _importance_factor(model, weight: Weight, gram, conv_norms) -> np.ndarray | 
     if gram is not None:
         norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
         return norms[:, None] if weight.reduction_axis == 0 else norms[None, :]
-    node, tensor = _consumer_node(model, weight), _layer_input(model, weight)
+    node, tensor = consumer_node(model, weight), layer_input(model, weight)
     if node is None or node.op_type not in ("Conv", "ConvTranspose") or tensor not in conv_norms:
         return None
     norms = conv_norms[tensor]
@@ -590,7 +585,7 @@ def _importance_factor(model, weight: Weight, gram, conv_norms) -> np.ndarray | 
 def _conv_input_norms(model, samples, weights: Sequence[Weight], model_dir) -> dict[str, np.ndarray]:
     """Per-channel L2 norm (axis 1) of every Conv/ConvTranspose input over the calibration samples."""
     convolutions = [w for w in weights if w.role == "conv"]
-    tensors = sorted({tensor for w in convolutions if (tensor := _layer_input(model, w)) is not None})
+    tensors = sorted({tensor for w in convolutions if (tensor := layer_input(model, w)) is not None})
     if not tensors:
         return {}
     sums: dict[str, np.ndarray] = {}

@@ -115,7 +115,7 @@ def fake_quantize(
     rounding
         ``nearest``, or ``gptq`` with ``gram``.
     gram
-        The layer's input Gram matrix for GPTQ (:func:`pyqshare.quantization.pipeline.layer_input_grams`).
+        The layer's input Gram matrix for GPTQ (:func:`pyqshare.quantization.layers.layer_input_grams`).
     """
     scheme = weight_scheme(weight, precision, rounding)
     if scheme is None:

@@ -28,10 +28,11 @@ import onnx
 
 from pyqshare import kernels
 from pyqshare._blas import single_threaded_blas
-from pyqshare.calibration import collect_activation_ranges, cpu_session, run_session
+from pyqshare.calibration import collect_activation_ranges
 from pyqshare.model import Weight, find_weights
 from pyqshare.model.qdq import insert_activation_qdq, quantize_bias_in_place, quantize_weight_in_place
 from pyqshare.quantization.adaround import adaround
+from pyqshare.quantization.layers import GramAccumulator, gram_input, layer_input
 from pyqshare.quantization.rounding import gptq_round
 from pyqshare.quantization.scheme import LINEAR_ROLES, QuantScheme, WeightScheme
 
@@ -135,12 +136,17 @@ def quantize_model(
     for weight in linear:
         if weight.role not in LINEAR_ROLES and overrides[weight.name].granularity != "per-tensor":
             raise ValueError(f"{weight.name!r} ({weight.role}) takes per-tensor schemes only")
-    ranges = collect_activation_ranges(
-        model, samples, method=scheme.activation_method, bits=scheme.activation_bits, model_dir=model_dir
-    )
     schemes = {w.name: overrides.get(w.name, scheme.weights) for w in linear}
     rounded = [w for w in linear if schemes[w.name].rounding != "nearest"]
-    grams = layer_input_grams(model, samples, rounded, model_dir=model_dir)
+    # GPTQ/AdaRound's Gram matrices come from the same onnxruntime pass as the activation ranges.
+    gram_inputs = {w.name: tensor for w in rounded if (tensor := gram_input(model, w)) is not None}
+    accumulator = GramAccumulator(gram_inputs.values())
+    ranges = collect_activation_ranges(
+        model, samples, method=scheme.activation_method, bits=scheme.activation_bits, model_dir=model_dir,
+        on_activation=accumulator.observe,
+    )
+    tensor_grams = accumulator.grams()
+    grams = {name: tensor_grams[tensor] for name, tensor in gram_inputs.items()}
 
     result = QuantizedModel(model)
     weight_scales: dict[str, np.ndarray] = {}
@@ -199,54 +205,6 @@ def _weight_by_name(weights: Sequence[Weight], name: str | None) -> Weight:
     return next(w for w in weights if w.name == name)
 
 
-def _consumer_node(model: onnx.ModelProto, weight: Weight) -> onnx.NodeProto | None:
-    """The node reading ``weight`` as its linear-layer weight (main graph only)."""
-    if weight.graph:
-        return None
-    names = {name for name, _, _ in weight.consumers}
-    for node in model.graph.node:
-        if (node.name or node.output[0]) in names and weight.name in node.input:
-            return node
-    return None
-
-
-def _layer_input(model: onnx.ModelProto, weight: Weight) -> str | None:
-    """The activation a linear layer multiplies ``weight`` with (its input 0, the weight being input 1)."""
-    node = _consumer_node(model, weight)
-    if node is None or len(node.input) < 2 or node.input[1] != weight.name:
-        return None
-    if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
-        return None
-    return node.input[0]
-
-
-def _gram_input(model: onnx.ModelProto, weight: Weight) -> str | None:
-    """The layer input whose Gram matrix drives GPTQ and AdaRound: 2-D MatMul/Gemm weights only (Conv would
-    need im2col)."""
-    node = _consumer_node(model, weight)
-    if node is None or len(weight.shape) != 2 or node.op_type not in ("MatMul", "Gemm"):
-        return None
-    return _layer_input(model, weight)
-
-
-def _input_grams(
-    model, samples, layer_inputs: Mapping[str, str], model_dir, dtype=np.float64
-) -> dict[str, np.ndarray]:
-    """``X^T X`` of each layer's input over all calibration samples (rows = positions, columns = features);
-    each sample's product computed in ``dtype``, the sum over samples in float64."""
-    if not layer_inputs:
-        return {}
-    tensors = sorted(set(layer_inputs.values()))
-    grams: dict[str, np.ndarray] = {}
-    with cpu_session(model, extra_outputs=tensors, model_dir=model_dir) as session:
-        for sample in samples:
-            (outputs,) = run_session(session, [sample], tensors)
-            for tensor, values in outputs.items():
-                rows = np.asarray(values, dtype=dtype).reshape(-1, values.shape[-1])
-                grams[tensor] = grams.get(tensor, 0.0) + (rows.T @ rows).astype(np.float64, copy=False)
-    return {weight: grams[tensor] for weight, tensor in layer_inputs.items()}
-
-
 def _quantize_linear(
     values: np.ndarray,
     weight: Weight,
@@ -298,7 +256,7 @@ def _int32_bias_input(model, weight: Weight, linear: Sequence[Weight], weight_sc
         return None
     if not all(op in ("Gemm", "Conv", "ConvTranspose") for _, op, _ in weight.consumers):
         return None
-    return _layer_input(model, _weight_by_name(linear, weight.bias_of))
+    return layer_input(model, _weight_by_name(linear, weight.bias_of))
 
 
 def _activation_qparams(low: float, high: float, bits: int) -> tuple[float, int]:
@@ -321,29 +279,6 @@ def _quantize_static(model: onnx.ModelProto, weight: Weight, bits: int, elem_typ
     quantize_weight_in_place(model, weight, codes, scale, zero_point, elem_type)
 
 
-def layer_input_grams(
-    model: onnx.ModelProto, samples: Sequence[Sample], weights: Sequence[Weight], *, model_dir=None,
-    dtype=np.float64,
-) -> dict[str, np.ndarray]:
-    """``X^T X`` of each weight's layer input over ``samples``: what GPTQ and AdaRound rounding need.
-
-    Parameters
-    ----------
-    model
-        The float model.
-    samples
-        Calibration samples (:func:`quantize_model` uses all of its samples).
-    weights
-        Linear-layer weights; those not multiplied with a 2-D-reducible MatMul/Gemm input are left out.
-    model_dir
-        Folder of the model's external data.
-    dtype
-        Precision of each sample's product (float32 is faster); the sum over samples is float64.
-    """
-    layer_inputs = {weight.name: _gram_input(model, weight) for weight in weights}
-    return _input_grams(model, samples, {n: t for n, t in layer_inputs.items() if t is not None}, model_dir, dtype)
-
-
 def fake_quantize_linear(weight: Weight, scheme: WeightScheme, gram: np.ndarray | None = None) -> np.ndarray:
     """The values a weight takes when :func:`quantize_model` quantizes it with ``scheme``, dequantized.
 
@@ -354,8 +289,8 @@ def fake_quantize_linear(weight: Weight, scheme: WeightScheme, gram: np.ndarray 
     scheme
         Bits, granularity, symmetry, scale search and rounding.
     gram
-        The layer's input Gram matrix (:func:`layer_input_grams`) for GPTQ or AdaRound; without it, or with
-        ``scheme.rounding == "nearest"``, weights round to nearest.
+        The layer's input Gram matrix (:func:`pyqshare.quantization.layers.layer_input_grams`) for GPTQ or
+        AdaRound; without it, or with ``scheme.rounding == "nearest"``, weights round to nearest.
     """
     values = np.asarray(weight.array(), dtype=np.float32)
     gram = gram if scheme.rounding != "nearest" else None

