@@ -611,16 +611,46 @@ def run(args: argparse.Namespace) -> dict:
         activation_bits = args.activation_bits or DEFAULT_ACTIVATION_BITS[context.model_type]
         parameters.update(activation_bits=activation_bits, activation_method=DEFAULT_ACTIVATION_METHOD[activation_bits],
                           weight_bits=8)
-        return _quantized_result(context, layers, activation_bits, args.grid_aligned, args.per_channel)
+        return quantize_clustered(
+            context.model, context.calibration, layers, activation_bits=activation_bits,
+            grid_aligned=args.grid_aligned, per_channel=args.per_channel, model_dir=context.model_dir,
+            min_elements=args.min_elements,
+        )
 
     return run_method("cluster", args, quantize, parameters=parameters)
 
 
-def _quantized_result(
-    context: MethodContext, layers: dict[str, ClusteredLayer], activation_bits: int, grid_aligned: bool,
-    per_channel: bool,
+def quantize_clustered(
+    model: onnx.ModelProto,
+    samples: Sequence[Mapping[str, np.ndarray]],
+    layers: dict[str, ClusteredLayer],
+    *,
+    activation_bits: int,
+    grid_aligned: bool = False,
+    per_channel: bool = False,
+    model_dir: str | Path | None = None,
+    min_elements: int = 64,
 ) -> QuantizedModel:
-    """The per-channel pipeline's int8 QDQ (min-max scales, nearest rounding), with the clustered size figures."""
+    """The clustered model (in place) as the per-channel pipeline's int8 QDQ (min-max scales, nearest
+    rounding), with the clustered size figures.
+
+    Parameters
+    ----------
+    model
+        The model :func:`cluster_model` clustered.
+    samples
+        Calibration samples for the activation ranges.
+    layers
+        :func:`cluster_model`'s result; each layer's ``int8_sqnr_db`` is filled in.
+    activation_bits
+        8 or 16.
+    grid_aligned, per_channel
+        As given to :func:`cluster_model`: grid-aligned codebooks are written with exactly their grid.
+    model_dir
+        Folder of the model's external data.
+    min_elements
+        Smaller weights are not counted in the size figures.
+    """
     weights = WeightScheme(bits=8, granularity="per-channel", symmetric=True, search="minmax", rounding="nearest")
     scheme = QuantScheme(weights=weights, activation_bits=activation_bits,
                          activation_method=DEFAULT_ACTIVATION_METHOD[activation_bits])
@@ -633,8 +663,8 @@ def _quantized_result(
             if not per_channel:
                 overrides[name] = WeightScheme(bits=8, granularity="per-tensor", symmetric=True, search="minmax",
                                                rounding="nearest")
-    result = quantize_model(context.model, context.calibration, scheme, model_dir=context.model_dir,
-                            overrides=overrides, min_elements=context.args.min_elements, fixed_scales=scales)
+    result = quantize_model(model, samples, scheme, model_dir=model_dir, overrides=overrides,
+                            min_elements=min_elements, fixed_scales=scales)
     for name, layer in layers.items():
         written = result.layers[name]
         layer.int8_sqnr_db = written.weight_sqnr_db  # the int8 codes against the clustered float weight
