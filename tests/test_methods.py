@@ -206,3 +206,68 @@ def test_real_cnn_per_channel_beats_onnxruntime_and_runs_on_the_htp(ppocr_cls_on
     assert summary["min_sqnr_db"] > ort["min_sqnr_db"], (summary["outputs"], ort["outputs"])
     placement = placement_report(tmp_path / "q.onnx")
     assert placement.cpu_nodes == 0 and placement.partitions == 1, placement.to_dict()
+
+
+def _quantized_vs_float(model: onnx.ModelProto, bits: int = 8) -> tuple[onnx.ModelProto, float]:
+    """(the QDQ model, its output SQNR against the float model) under the per-channel pipeline."""
+    from pyqshare.quantization.pipeline import quantize_model
+    from pyqshare.quantization.scheme import QuantScheme, WeightScheme
+
+    reference = run_model(model, default_inputs(model, purpose="evaluation"))
+    quantized = onnx.ModelProto()
+    quantized.CopyFrom(model)
+    scheme = QuantScheme(weights=WeightScheme(bits=8), activation_bits=bits)
+    quantize_model(quantized, default_inputs(model, purpose="calibration"), scheme)
+    candidate = run_model(quantized, default_inputs(model, purpose="evaluation"))
+    return quantized, summarize_outputs(reference, candidate)["min_sqnr_db"]
+
+
+def _single_node_model(node: onnx.NodeProto, x_shape, initializers) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(v, np.float32), name) for name, v in initializers.items()],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_grouped_conv_transpose_bias_is_int32_per_output_channel():
+    """A grouped ConvTranspose's weight has O/g channels shared by the groups; its bias has O entries, each at
+    input scale times the scale of its slot (output o uses slot o % (O/g))."""
+    rng = np.random.default_rng(0)
+    weight, bias = rng.normal(0, 0.3, (4, 3, 3, 3)), rng.normal(0, 0.5, 6)
+    node = onnx.helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="convT", group=2)
+    quantized, sqnr = _quantized_vs_float(_single_node_model(node, [1, 4, 5, 5], {"w": weight, "b": bias}))
+    assert sqnr > 30.0
+    dq = dequantized_weights_of(quantized)
+    _, bias_inputs = dq["b"]
+    codes, bias_scale = bias_inputs["b_quantized"], bias_inputs["b_scale"]
+    weight_scale = dq["w"][1]["w_scale"]
+    assert codes.dtype == np.int32 and bias_scale.shape == (6,) and weight_scale.shape == (3,)
+    np.testing.assert_allclose(bias_scale[:3] / weight_scale, bias_scale[3:] / weight_scale, rtol=1e-6)
+
+
+def test_a_large_bias_on_small_weights_widens_the_weight_scale_instead_of_saturating_int32():
+    """16-bit activations give input scales near 1e-5: bias 50 over weights of 1e-6 would need codes far past
+    int32. The weight scale of that channel is raised so that the bias fits; the output stays exact."""
+    rng = np.random.default_rng(1)
+    weight = rng.normal(0, 0.3, (4, 8))
+    weight[0] = rng.normal(0, 1e-6, 8)
+    bias = np.array([50.0, 0.1, -0.2, 0.3])
+    node = onnx.helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)
+    quantized, sqnr = _quantized_vs_float(_single_node_model(node, [2, 8], {"w": weight, "b": bias}), bits=16)
+    codes = dequantized_weights_of(quantized)["b"][1]["b_quantized"]
+    assert np.abs(codes.astype(np.int64)).max() < 2**31 - 1
+    assert sqnr > 40.0
+
+
+def dequantized_weights_of(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, dict]]:
+    """As :func:`dequantized_weights`, keyed by the float tensor each DequantizeLinear replaces."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {
+        node.output[0].removesuffix("_dequantized"): (node, {n: inits[n] for n in node.input if n in inits})
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits
+    }

@@ -38,6 +38,8 @@ from pyqshare.quantization.scheme import LINEAR_ROLES, QuantScheme, WeightScheme
 
 Sample = Mapping[str, np.ndarray]
 
+_INT32_BIAS_LIMIT = 2**31 - 2**12  # below the int32 maximum by more than float32 rounding of the bias scale
+
 # Outputs with a known range get the power-of-two grid over it, not a calibrated one: QNN's HTP requires
 # these encodings for Sigmoid and Tanh (onnxruntime's QNN recipe fixes them the same way), and onnxruntime's
 # CPU QLinearSoftmax assumes scale 2^-bits (with a calibrated range it returned 0 for the larger of two class
@@ -149,12 +151,16 @@ def quantize_model(
     grams = {name: tensor_grams[tensor] for name, tensor in gram_inputs.items()}
 
     result = QuantizedModel(model)
+    int32_biases = _int32_biases(model, weights, linear, schemes, ranges, scheme.activation_bits)
+    bias_of_layer = {bias.bias_of: (bias, input_scale) for bias, input_scale in int32_biases.values()}
     weight_scales: dict[str, np.ndarray] = {}
     for weight in linear:
         chosen = schemes[weight.name]
         values = np.asarray(weight.array(), dtype=np.float32)
+        bias = bias_of_layer.get(weight.name)
+        min_scale = _scale_floor_for_int32_bias(weight, *bias) if bias else None
         codes, scale, zero_point, axis, block_size = _quantize_linear(
-            values, weight, chosen, grams.get(weight.name), fixed_scales.get(weight.name)
+            values, weight, chosen, grams.get(weight.name), fixed_scales.get(weight.name), min_scale
         )
         dequantized = kernels.dequantize(codes, scale, zero_point, chosen.bits, axis=axis, block_size=block_size)
         quantize_weight_in_place(
@@ -173,10 +179,9 @@ def quantize_model(
     for weight in weights:
         if weight.name in linear_names:
             continue
-        layer_input = _int32_bias_input(model, weight, linear, weight_scales)
-        if layer_input in ranges:
-            input_scale = _activation_qparams(*ranges[layer_input], scheme.activation_bits)[0]
-            quantize_bias_in_place(model, weight, input_scale, weight_scales[weight.bias_of])
+        if weight.name in int32_biases:
+            _, input_scale = int32_biases[weight.name]
+            quantize_bias_in_place(model, weight, input_scale, _per_bias_channel(weight_scales[weight.bias_of], weight))
             bits = 32
         else:
             _quantize_static(model, weight, scheme.activation_bits, scheme.activation_elem_type)
@@ -201,18 +206,16 @@ def quantize_model(
     return result
 
 
-def _weight_by_name(weights: Sequence[Weight], name: str | None) -> Weight:
-    return next(w for w in weights if w.name == name)
-
-
 def _quantize_linear(
     values: np.ndarray,
     weight: Weight,
     scheme: WeightScheme,
     gram: np.ndarray | None,
     fixed_scale: np.ndarray | None = None,
+    min_scale: np.ndarray | None = None,
 ):
-    """(codes, scale, zero_point, DequantizeLinear axis, block_size) for one linear-layer weight."""
+    """(codes, scale, zero_point, DequantizeLinear axis, block_size) for one linear-layer weight; ``min_scale``
+    (per channel, or one value) raises scales that its int32 bias would overflow."""
     if scheme.granularity == "per-tensor":
         axis, block_size = None, None
     elif scheme.granularity == "per-channel":
@@ -229,6 +232,9 @@ def _quantize_linear(
         scale, zero_point = kernels.scale_search(
             values, scheme.bits, axis=axis, block_size=block_size, symmetric=scheme.symmetric, objective=objective
         )
+    if min_scale is not None:
+        floor = min_scale.max() if scale.ndim == 0 else min_scale.reshape(scale.shape)
+        scale = np.maximum(scale, floor.astype(scale.dtype))
     if gram is not None and scheme.granularity != "per-block":
         # GPTQ works on the (inputs, outputs) view: rows are input features, columns output channels.
         transposed = weight.channel_axis == 0
@@ -249,14 +255,45 @@ def _quantize_linear(
     return codes, scale, zero_point, axis, block_size
 
 
-def _int32_bias_input(model, weight: Weight, linear: Sequence[Weight], weight_scales) -> str | None:
-    """For a Gemm/Conv bias whose weight was quantized (QNN wants it as int32 at input_scale * weight_scale):
-    the layer's input activation; else None."""
-    if weight.role != "bias" or weight.bias_of not in weight_scales:
-        return None
-    if not all(op in ("Gemm", "Conv", "ConvTranspose") for _, op, _ in weight.consumers):
-        return None
-    return layer_input(model, _weight_by_name(linear, weight.bias_of))
+def _int32_biases(
+    model: onnx.ModelProto, weights: Sequence[Weight], linear: Sequence[Weight], schemes: Mapping[str, WeightScheme],
+    ranges: Mapping[str, tuple[float, float]], activation_bits: int,
+) -> dict[str, tuple[Weight, float]]:
+    """``{bias name: (bias, input scale)}`` for the Gemm/Conv/ConvTranspose biases QNN takes as int32 at scale
+    ``input_scale * weight_scale``: those whose weight is quantized per tensor or per channel (a per-block
+    weight has no single scale per output) and whose layer input has a calibrated range."""
+    linear_by_name = {w.name: w for w in linear}
+    biases = {}
+    for weight in weights:
+        layer = linear_by_name.get(weight.bias_of) if weight.role == "bias" else None
+        if layer is None or schemes[layer.name].granularity == "per-block":
+            continue
+        if not all(op in ("Gemm", "Conv", "ConvTranspose") for _, op, _ in weight.consumers):
+            continue
+        tensor = layer_input(model, layer)
+        if tensor in ranges:
+            biases[weight.name] = (weight, _activation_qparams(*ranges[tensor], activation_bits)[0])
+    return biases
+
+
+def _per_bias_channel(weight_scale: np.ndarray, bias: Weight) -> np.ndarray:
+    """A weight's scales laid out per bias entry: a grouped ConvTranspose's weight has one channel per slot of
+    ``O / group``, shared by the groups (output ``o`` uses slot ``o % (O / group)``)."""
+    if weight_scale.size in (1, bias.size):
+        return weight_scale
+    if bias.size % weight_scale.size:
+        raise ValueError(f"bias {bias.name!r}: {bias.size} entries for {weight_scale.size} weight scales")
+    return np.tile(weight_scale.ravel(), bias.size // weight_scale.size)
+
+
+def _scale_floor_for_int32_bias(weight: Weight, bias: Weight, input_scale: float) -> np.ndarray:
+    """The smallest weight scales (0-d for per-tensor use, else one per weight channel) at which the bias still
+    fits int32 at ``input_scale * weight_scale``: 16-bit activations have scales near 1e-5, so a channel with
+    small weights and a large bias would otherwise saturate (onnxruntime's QDQ quantizer widens the weight
+    scale the same way)."""
+    channels = weight.shape[weight.channel_axis] if weight.channel_axis is not None else 1
+    magnitude = np.abs(bias.array().astype(np.float64)).reshape(-1, channels).max(axis=0)
+    return magnitude / (input_scale * _INT32_BIAS_LIMIT)
 
 
 def _activation_qparams(low: float, high: float, bits: int) -> tuple[float, int]:
