@@ -155,6 +155,15 @@ def test_refinement_never_lowers_a_layers_output_sqnr(tmp_path, build, per_chann
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
+def test_layers_clustered_in_parallel_give_the_serial_result(tmp_path, per_channel):
+    serial, serial_layers = clustered(mlp_model, tmp_path, clusters=4, per_channel=per_channel, num_threads=1)
+    parallel, parallel_layers = clustered(mlp_model, tmp_path, clusters=4, per_channel=per_channel, num_threads=3)
+    assert [layer.to_dict() for layer in serial_layers.values()] == [layer.to_dict() for layer in parallel_layers.values()]
+    for a, b in zip(find_weights(serial, tmp_path), find_weights(parallel, tmp_path), strict=True):
+        assert a.name == b.name and np.array_equal(a.array(), b.array())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
 def test_the_codebook_refit_is_the_least_squares_solution(per_channel):
     rng = np.random.default_rng(7)
     inputs = rng.standard_normal((300, 12)) * np.logspace(-1, 1, 12)  # 12 features: the Gram enters exactly

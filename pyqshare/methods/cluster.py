@@ -77,6 +77,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -85,11 +86,13 @@ import numpy as np
 import onnx
 
 from pyqshare import kernels
+from pyqshare._blas import single_threaded_blas
 from pyqshare.errors import InputError
+from pyqshare.kernels._common import resolve_num_threads
 from pyqshare.kernels.clustering import MAX_CLUSTERS
 from pyqshare.methods.common import MethodContext, add_common_arguments, run_method
 from pyqshare.methods.per_channel import DEFAULT_ACTIVATION_BITS, DEFAULT_ACTIVATION_METHOD
-from pyqshare.model import find_weights, replace_weight
+from pyqshare.model import Weight, find_weights, replace_weight
 from pyqshare.quantization.layers import gram_input, tensor_grams
 from pyqshare.quantization.pipeline import QuantizedModel, quantize_model
 from pyqshare.quantization.rounding import gptq_assign
@@ -464,6 +467,7 @@ def cluster_model(
     grid_aligned: bool = False,
     model_dir: str | Path | None = None,
     min_elements: int = 64,
+    num_threads: int | None = None,
 ) -> dict[str, ClusteredLayer]:
     """Replace every linear-layer weight of ``model`` (in place) by its clustering; return per-layer results.
 
@@ -489,6 +493,8 @@ def cluster_model(
         Folder of the model's external data.
     min_elements
         Smaller weights are left as they are.
+    num_threads
+        Layers clustered at once (None: :func:`pyqshare.get_num_threads`); the result does not depend on it.
     """
     candidates = _candidates(clusters, adaptive=min_sqnr_db is not None)
     weights = [w for w in find_weights(model, model_dir, min_elements=min_elements)
@@ -497,8 +503,7 @@ def cluster_model(
     grams = tensor_grams(model, samples, set(layer_inputs.values()), model_dir=model_dir, dtype=np.float32)
     statistics = {tensor: LayerInputs(gram) for tensor, gram in grams.items()}
 
-    results = {}
-    for weight in weights:
+    def cluster_one(weight: Weight) -> tuple[np.ndarray, ClusteredLayer]:
         values = np.asarray(weight.array(), dtype=np.float32)
         channels_last = np.moveaxis(values, weight.channel_axis, -1)
         view = np.ascontiguousarray(channels_last.reshape(-1, channels_last.shape[-1]))
@@ -511,8 +516,18 @@ def cluster_model(
                 if layer.meets_min_sqnr:
                     break
         clustered = clustering.weights().reshape(channels_last.shape)
-        replace_weight(model, weight, np.moveaxis(clustered, -1, weight.channel_axis))
-        results[weight.name] = layer
+        return np.moveaxis(clustered, -1, weight.channel_axis), layer
+
+    # Layers are independent: one per thread, each with single-threaded BLAS (many small products, where BLAS
+    # threads would only spin); results are consumed in order, at most two rounds of layers held at once.
+    results = {}
+    workers = resolve_num_threads(num_threads)
+    with single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(weights), 2 * workers):
+            batch = weights[start : start + 2 * workers]
+            for weight, (clustered, layer) in zip(batch, pool.map(cluster_one, batch), strict=True):
+                replace_weight(model, weight, clustered)
+                results[weight.name] = layer
     return results
 
 

@@ -27,6 +27,7 @@ from pyqshare.calibration import input_signature, parse_input_shapes, resolve_in
 from pyqshare.encodings import encodings_from_qdq_model, write_encodings
 from pyqshare.errors import InputError
 from pyqshare.evaluate import summarize_outputs
+from pyqshare.kernels._common import available_cores, set_num_threads
 from pyqshare.model import load_model, save_model
 from pyqshare.prepare import prepare_model
 from pyqshare.quantization.pipeline import QuantizedModel
@@ -66,6 +67,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recorded in the summary; hexagon and mobile imply --target qnn defaults")
     parser.add_argument("--min-elements", type=int, default=64,
                         help="smallest tensor counted as a weight in size figures")
+    parser.add_argument("--num-threads", type=int, default=None, metavar="N",
+                        help="threads for pyqshare's kernels and per-layer work (default: the cores this process "
+                        "may use); results do not depend on it")
 
 
 def infer_model_type(model: onnx.ModelProto) -> str:
@@ -100,6 +104,10 @@ def run_method(
     if output.resolve() == source.resolve():
         raise InputError("--output-path: must differ from --model-path (the input is never overwritten)")
     input_shapes = parse_input_shapes(args.input_shape)
+    try:
+        set_num_threads(available_cores() if args.num_threads is None else args.num_threads)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"--num-threads: {error}") from None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as scratch:
         if args.target == "qnn":
