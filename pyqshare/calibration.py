@@ -56,6 +56,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from pyqshare._atomic import atomic_write_bytes, atomic_write_text
 from pyqshare.errors import InputError
 from pyqshare.model import PROTOBUF_LIMIT, load_model, save_model
+from pyqshare.model.graph import iter_tensors
 from pyqshare.shapes import InputSpec, ModelSource, input_signature, resolve_input_shapes
 from pyqshare.shapes import parse_input_shapes  # noqa: F401  (re-exported: commands parse --input-shape from here)
 
@@ -408,8 +409,11 @@ def _serialized(
     present = {value.name for value in outputs}
     outputs.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(extra_outputs) if name not in present)
     try:
-        if model.ByteSize() <= PROTOBUF_LIMIT:
-            return model.SerializeToString()
+        # ByteSize() costs a whole serialization in upb: judge by the tensor payload, which dominates, and
+        # serialize once; protobuf refuses (ValueError) what still passes 2 GiB.
+        if sum(len(tensor.raw_data) for _, tensor in iter_tensors(model)) <= PROTOBUF_LIMIT // 2:
+            with contextlib.suppress(ValueError):
+                return model.SerializeToString()
         target = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "model.onnx"
         save_model(model, target, external_data=True, model_dir=model_dir)
         return os.fspath(target)
