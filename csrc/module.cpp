@@ -6,4 +6,5 @@ PYBIND11_MODULE(_core, m) {
   pyqshare::register_sparsity(m);
   pyqshare::register_quantization(m);
   pyqshare::register_hashing(m);
+  pyqshare::register_rounding(m);
 }

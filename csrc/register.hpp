@@ -8,4 +8,5 @@ void register_clustering(pybind11::module_& m);
 void register_sparsity(pybind11::module_& m);
 void register_quantization(pybind11::module_& m);
 void register_hashing(pybind11::module_& m);
+void register_rounding(pybind11::module_& m);
 }  // namespace pyqshare

@@ -144,3 +144,15 @@ def kmeans1d(
 def kmeans1d_reference(
     values: npt.NDArray[np.float64], weights: npt.NDArray[np.float64] | None, k: int
 ) -> tuple[npt.NDArray[np.float64], float]: ...
+
+# --- rounding (GPTQ's in-block step; pyqshare.quantization.rounding calls these) ---
+def gptq_block_grid(
+    work: npt.NDArray[np.float64], upper: npt.NDArray[np.float64], start: int, stop: int,
+    scale: npt.NDArray[np.float64], zero_point: npt.NDArray[np.float64], qmin: float, qmax: float,
+    codes: npt.NDArray[np.int32], errors: npt.NDArray[np.float64],
+) -> None: ...
+def gptq_block_codebook(
+    work: npt.NDArray[np.float64], upper: npt.NDArray[np.float64], start: int, stop: int,
+    codebooks: npt.NDArray[np.float64], midpoints: npt.NDArray[np.float64],
+    codes: npt.NDArray[np.int32], errors: npt.NDArray[np.float64],
+) -> None: ...

@@ -21,7 +21,7 @@ from pyqshare.quantization.adaround import adaround
 from pyqshare.quantization.bias_correction import BiasCorrection, add_missing_biases
 from pyqshare.quantization.folding import fold_batch_norms
 from pyqshare.quantization.pipeline import quantize_model
-from pyqshare.quantization.rounding import gptq_round, inverse_upper_cholesky
+from pyqshare.quantization.rounding import gptq_assign, gptq_round, inverse_upper_cholesky
 from pyqshare.quantization.scheme import QuantScheme, WeightScheme
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +214,44 @@ def test_adaround_and_gptq_on_the_same_layer():
         "gptq": output_error(x, weight, gptq_round(weight, scale, zero_point.astype(np.float64), -8, 7, gram), scale),
     }
     assert errors["gptq"] < errors["adaround"] < errors["nearest"], errors
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(1, 1), (2, 7), (127, 3), (128, 1), (129, 17), (300, 40)])
+def test_gptq_block_step_in_cpp_gives_the_numpy_reference_codes(rows, columns):
+    """Grid and look-up-table snapping (one codebook, one per channel), across block boundaries, with exact
+    ties (values on a midpoint or half a step) and clipped values."""
+    rng = np.random.default_rng(rows * 1000 + columns)
+    x = rng.standard_normal((rows + 5, rows))
+    gram = x.T @ x
+    gram[0] = gram[:, 0] = 0.0  # a dead input
+    weight = np.round(rng.standard_t(4, (rows, columns)) * 8) / 16  # many values exactly on ties
+    scale = np.full(columns, 0.125)
+    zero_point = rng.integers(-2, 3, columns).astype(np.float64)
+    np.testing.assert_array_equal(gptq_round(weight, scale, zero_point, -8, 7, gram),
+                                  gptq_round(weight, scale, zero_point, -8, 7, gram, reference=True))
+    for codebooks in (np.array([[-0.5, -0.25, 0.0, 0.25, 1.0]]), np.sort(rng.normal(0, 0.4, (columns, 4)), axis=1)):
+        np.testing.assert_array_equal(gptq_assign(weight, codebooks, gram),
+                                      gptq_assign(weight, codebooks, gram, reference=True))
+
+
+def test_gptq_block_step_refuses_what_would_read_or_write_out_of_bounds():
+    from pyqshare import _core
+
+    work, upper = np.zeros((4, 3)), np.eye(4)
+    codes, errors = np.zeros((4, 3), np.int32), np.zeros((4, 3))
+    books, midpoints = np.array([[0.0, 1.0]]), np.array([[0.5]])
+    with pytest.raises(TypeError, match="float64"):
+        _core.gptq_block_codebook(work.astype(np.float32), upper, 0, 4, books, midpoints, codes, errors)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _core.gptq_block_codebook(np.zeros((3, 4)).T, upper, 0, 4, books, midpoints, codes, errors)
+    with pytest.raises(ValueError, match="start <= stop <= rows"):
+        _core.gptq_block_codebook(work, upper, 2, 5, books, midpoints, codes, errors)
+    with pytest.raises(ValueError, match="upper"):
+        _core.gptq_block_codebook(work, np.eye(3), 0, 4, books, midpoints, codes, errors)
+    with pytest.raises(ValueError, match="midpoints"):
+        _core.gptq_block_codebook(work, upper, 0, 4, books, np.zeros((1, 2)), codes, errors)
+    with pytest.raises(ValueError, match="one value per column"):
+        _core.gptq_block_grid(work, upper, 0, 4, np.ones(2), np.zeros(3), -8.0, 7.0, codes, errors)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 127, 128, 129, 300, 515])
