@@ -132,6 +132,7 @@ def test_summary_encodings_and_json_agree(tmp_path):
         (("--block-size", "32"), "block-wise"),
         (("--weight-bits", "4", "--optimize-zero-points"), "symmetric"),
         (("--weight-bits", "5"), "invalid choice"),
+        (("--num-threads", "0"), "--num-threads: num_threads must be >= 1"),
     ],
 )
 def test_refusals_exit_2_with_a_reason(tmp_path, flags, message):

@@ -27,7 +27,7 @@ from pyqshare.calibration import input_signature, parse_input_shapes, resolve_in
 from pyqshare.encodings import encodings_from_qdq_model, write_encodings
 from pyqshare.errors import InputError
 from pyqshare.evaluate import summarize_outputs
-from pyqshare.kernels._common import available_cores, set_num_threads
+from pyqshare.kernels._common import available_cores, get_num_threads, set_num_threads
 from pyqshare.model import load_model, save_model
 from pyqshare.prepare import prepare_model
 from pyqshare.quantization.pipeline import QuantizedModel
@@ -97,17 +97,32 @@ def run_method(
     """Prepare, calibrate, ``quantize``, write the three outputs and return the summary.
 
     ``parameters`` go into the summary as they are after ``quantize`` ran (it may record resolved defaults).
+    The kernels' default thread count is ``--num-threads`` while the method runs, and restored after.
     """
+    threads = available_cores() if args.num_threads is None else args.num_threads
+    previous = get_num_threads()
+    try:
+        set_num_threads(threads)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"--num-threads: {error}") from None
+    try:
+        return _run_method(method, args, quantize, parameters)
+    finally:
+        set_num_threads(previous)
+
+
+def _run_method(
+    method: str,
+    args: argparse.Namespace,
+    quantize: Callable[[MethodContext], QuantizedModel],
+    parameters: Mapping[str, object],
+) -> dict:
     source, output = Path(args.model_path), Path(args.output_path)
     if not source.is_file():
         raise InputError(f"--model-path: {source}: no such model file")
     if output.resolve() == source.resolve():
         raise InputError("--output-path: must differ from --model-path (the input is never overwritten)")
     input_shapes = parse_input_shapes(args.input_shape)
-    try:
-        set_num_threads(available_cores() if args.num_threads is None else args.num_threads)
-    except (TypeError, ValueError) as error:
-        raise InputError(f"--num-threads: {error}") from None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as scratch:
         if args.target == "qnn":
