@@ -57,10 +57,18 @@ struct RowScratch {
   std::vector<std::size_t> groups;
   std::vector<double> gW, gS, gWr, gSr, fwd, bwd;
   // DP scratch.
-  std::vector<std::uint32_t> cols, buf, arg;
-  std::vector<double> vbuf, e;
+  std::vector<std::uint32_t> arg;
+  std::vector<double> e;
   std::vector<std::size_t> lo, hi, off, bounds, next;
   std::vector<double> mu, t, wpt;
+  // inv[m] = 1 / m, for rows whose weights are counts (W integer-valued, at most inv.size() - 1 in total).
+  std::vector<double> inv;
+  bool integer_weights = false;
+
+  void use_counts(std::size_t n) {
+    integer_weights = true;
+    for (std::size_t m = inv.size(); m <= n; ++m) inv.push_back(m ? 1.0 / static_cast<double>(m) : 0.0);
+  }
 
   template <class K>
   std::vector<K>& keys() {
@@ -89,9 +97,10 @@ struct RowScratch {
 // [c_lo, c_hi], i < j, of prev[i] - gain(i, j) (leftmost on ties), argmin to arg[j]. Prefix sums w, s.
 // The argmin is non-decreasing in j (the matrix is totally monotone), so divide and conquer: the middle
 // row's argmin splits the columns of the rows above and below. O((rows + cols) log rows) evaluations in
-// tight loops, which beat SMAWK's fewer but serially dependent ones at these sizes.
-inline void dp_rows(const double* w, const double* s, const double* prev, std::size_t r_lo, std::size_t r_hi,
-                    std::size_t c_lo, std::size_t c_hi, double* cur, std::uint32_t* arg) {
+// plain loops: measured as fast as SMAWK (kmeans1d_dp.hpp) at these sizes, and simpler.
+template <bool kIntegerWeights>
+void dp_rows(const double* w, const double* s, const double* prev, std::size_t r_lo, std::size_t r_hi,
+             std::size_t c_lo, std::size_t c_hi, double* cur, std::uint32_t* arg, const double* inv) {
   if (r_lo > r_hi) return;
   const std::size_t j = r_lo + (r_hi - r_lo) / 2;
   const std::size_t last = std::min(c_hi, j - 1);
@@ -100,7 +109,12 @@ inline void dp_rows(const double* w, const double* s, const double* prev, std::s
   const double sj = s[j], wj = w[j];
   for (std::size_t i = c_lo; i <= last && i < j; ++i) {
     const double d = sj - s[i];
-    const double v = prev[i] - d * d / (wj - w[i]);
+    double v;
+    if constexpr (kIntegerWeights) {
+      v = prev[i] - d * d * inv[static_cast<std::int64_t>(wj - w[i])];
+    } else {
+      v = prev[i] - d * d / (wj - w[i]);
+    }
     if (v < best) {
       best = v;
       best_i = i;
@@ -108,13 +122,18 @@ inline void dp_rows(const double* w, const double* s, const double* prev, std::s
   }
   cur[j] = best;
   arg[j] = static_cast<std::uint32_t>(best_i);
-  if (j > r_lo) dp_rows(w, s, prev, r_lo, j - 1, c_lo, best_i, cur, arg);
-  dp_rows(w, s, prev, j + 1, r_hi, best_i, c_hi, cur, arg);
+  if (j > r_lo) dp_rows<kIntegerWeights>(w, s, prev, r_lo, j - 1, c_lo, best_i, cur, arg, inv);
+  dp_rows<kIntegerWeights>(w, s, prev, j + 1, r_hi, best_i, c_hi, cur, arg, inv);
 }
 
+// Counts as weights (unweighted rows): a table of reciprocals replaces the division, the costliest step.
 inline void dp_layer(const double* w, const double* s, const double* prev, std::size_t r_lo, std::size_t r_hi,
-                     std::size_t c_lo, std::size_t c_hi, double* cur, std::uint32_t* arg, RowScratch&) {
-  dp_rows(w, s, prev, r_lo, r_hi, c_lo, c_hi, cur, arg);
+                     std::size_t c_lo, std::size_t c_hi, double* cur, std::uint32_t* arg, const RowScratch& sc) {
+  if (sc.integer_weights) {
+    dp_rows<true>(w, s, prev, r_lo, r_hi, c_lo, c_hi, cur, arg, sc.inv.data());
+  } else {
+    dp_rows<false>(w, s, prev, r_lo, r_hi, c_lo, c_hi, cur, arg, nullptr);
+  }
 }
 
 // Group edges (point indices, first 0, last n) such that no group has weight * span^2 above a budget,
@@ -386,6 +405,8 @@ void cluster_small_row(const T* x, const Wt* weights, L* labels, std::size_t n, 
   }
   RowScratch::grow(sc.mu, k);
   double* mu = sc.mu.data();
+  sc.integer_weights = false;
+  if (!weights) sc.use_counts(n);
   if (banded_path_fits(m, k)) {
     RowScratch::grow(sc.bounds, k + 1);
     RowScratch::grow(sc.next, k + 1);
