@@ -95,14 +95,23 @@ struct RowScratch {
   }
 };
 
+// A stretch of a DP layer stored from data[0] but indexed by absolute positions first, first + 1, ...
+// (a pointer moved below its array would be undefined behaviour).
+template <class T>
+struct Band {
+  T* data;
+  std::size_t first;
+  T& operator[](std::size_t position) const { return data[position - first]; }
+};
+
 // Row-minima of one DP layer over positions: for rows j in [r_lo, r_hi], cur[j] = min over columns i in
 // [c_lo, c_hi], i < j, of prev[i] - gain(i, j) (leftmost on ties), argmin to arg[j]. Prefix sums w, s.
 // The argmin is non-decreasing in j (the matrix is totally monotone), so divide and conquer: the middle
 // row's argmin splits the columns of the rows above and below. O((rows + cols) log rows) evaluations in
 // plain loops: measured as fast as SMAWK (kmeans1d_dp.hpp) at these sizes, and simpler.
 template <bool kIntegerWeights>
-void dp_rows(const double* w, const double* s, const double* prev, std::size_t r_lo, std::size_t r_hi,
-             std::size_t c_lo, std::size_t c_hi, double* cur, std::uint32_t* arg, const double* inv) {
+void dp_rows(const double* w, const double* s, Band<const double> prev, std::size_t r_lo, std::size_t r_hi,
+             std::size_t c_lo, std::size_t c_hi, Band<double> cur, Band<std::uint32_t> arg, const double* inv) {
   if (r_lo > r_hi) return;
   const std::size_t j = r_lo + (r_hi - r_lo) / 2;
   const std::size_t last = std::min(c_hi, j - 1);
@@ -129,8 +138,9 @@ void dp_rows(const double* w, const double* s, const double* prev, std::size_t r
 }
 
 // Counts as weights (unweighted rows): a table of reciprocals replaces the division, the costliest step.
-inline void dp_layer(const double* w, const double* s, const double* prev, std::size_t r_lo, std::size_t r_hi,
-                     std::size_t c_lo, std::size_t c_hi, double* cur, std::uint32_t* arg, const RowScratch& sc) {
+inline void dp_layer(const double* w, const double* s, Band<const double> prev, std::size_t r_lo, std::size_t r_hi,
+                     std::size_t c_lo, std::size_t c_hi, Band<double> cur, Band<std::uint32_t> arg,
+                     const RowScratch& sc) {
   if (sc.integer_weights) {
     dp_rows<true>(w, s, prev, r_lo, r_hi, c_lo, c_hi, cur, arg, sc.inv.data());
   } else {
@@ -209,7 +219,8 @@ inline void coarse_table(const double* gw, const double* gs, std::size_t G, std:
   }
   RowScratch::grow(sc.arg, G + 1);
   for (std::size_t m = 2; m <= K; ++m) {
-    dp_layer(gw, gs, table + (m - 1) * (G + 1), m, G, m - 1, G - 1, table + m * (G + 1), sc.arg.data(), sc);
+    dp_layer(gw, gs, {table + (m - 1) * (G + 1), 0}, m, G, m - 1, G - 1, {table + m * (G + 1), 0},
+             {sc.arg.data(), 0}, sc);
   }
 }
 
@@ -227,10 +238,9 @@ inline void banded_partition(const double* W, const double* S1, std::size_t n, s
   sc.e[0] = 0;
   for (std::size_t c = 1; c <= K; ++c) {
     // Rows are positions lo[c]..hi[c], stored from e[off[c]]; columns lo[c-1]..hi[c-1] from e[off[c-1]].
-    const double* e_prev = sc.e.data() + off[c - 1] - lo[c - 1];
-    double* e_cur = sc.e.data() + off[c] - lo[c];
-    std::uint32_t* a_cur = arg.data() + off[c] - lo[c];
-    dp_layer(W, S1, e_prev, lo[c], hi[c], lo[c - 1], hi[c - 1], e_cur, a_cur, sc);
+    const Band<const double> e_prev{sc.e.data() + off[c - 1], lo[c - 1]};
+    dp_layer(W, S1, e_prev, lo[c], hi[c], lo[c - 1], hi[c - 1], {sc.e.data() + off[c], lo[c]},
+             {arg.data() + off[c], lo[c]}, sc);
   }
   bounds[K] = n;
   for (std::size_t c = K; c >= 1; --c) bounds[c - 1] = arg[off[c] + bounds[c] - lo[c]];
