@@ -629,25 +629,5 @@ void cluster_row(const T* x, const Wt* weights, L* labels, const RowGeometry& g,
   *inertia = assign_labels(x, weights, labels, g, mu, num_threads);
 }
 
-// All clusterings of an (outer, length, inner) array: one per index along the middle axis, in parallel
-// over rows (each row single-threaded) or, for a single row, in parallel inside it.
-template <class T, class Wt, class L>
-void cluster_rows(const T* x, const Wt* weights, L* labels, std::size_t outer, std::size_t length, std::size_t inner,
-                  std::size_t k, Method method, int num_threads, T* centroids, double* inertia) {
-  auto row = [&](std::size_t r, int threads) {
-    RowGeometry g;
-    g.offset = r * inner;
-    g.n_seg = outer;
-    g.seg_len = inner;
-    g.seg_stride = length * inner;
-    cluster_row(x, weights, labels, g, k, method, threads, centroids + r * k, inertia + r);
-  };
-  if (length == 1) {
-    row(0, num_threads);
-  } else {
-    parallel_for(length, num_threads, [&](std::size_t r) { row(r, 1); });
-  }
-}
-
 }  // namespace kmeans1d
 }  // namespace pyqshare

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "binding.hpp"
-#include "kmeans1d.hpp"
+#include "kmeans1d_rows.hpp"
 #include "register.hpp"
 
 namespace pyqshare {

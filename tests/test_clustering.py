@@ -184,6 +184,104 @@ def test_fast_on_real_transformer_weights(k, suffix):
     assert opt <= fast <= opt * (1 + 1e-4)
 
 
+# --- small rows (per channel): per-thread scratch, banded DP --------------------------------------------------
+
+
+def _per_row_within(x, k, w=None, rel=1e-4):
+    c, labels, fast = kmeans1d(x, k, axis=0, sample_weight=w)
+    _, _, opt = kmeans1d(x, k, axis=0, sample_weight=w, method="optimal")
+    assert np.all(fast >= opt * (1 - 1e-12))
+    assert np.all(fast <= opt * (1 + rel)), f"worst row {np.max(fast / opt)}"
+    return c, labels, fast
+
+
+@pytest.mark.parametrize("k", [2, 16, 33])
+def test_small_rows_within_a_hundredth_percent(k):
+    x = weight_like(24 * 4096, seed=k).reshape(24, 4096)
+    c, labels, inertia = _per_row_within(x, k)
+    for r in (0, 23):
+        check_consistent(x[r], None, c[r], labels[r], inertia[r], rtol=1e-7)
+
+
+def test_small_rows_awkward_lengths():
+    for n in (257, 1025, 1031, 3001, (1 << 16) - 1, 1 << 16):
+        x = weight_like(2 * n, seed=n).reshape(2, n)
+        c, labels, inertia = _per_row_within(x, 4 if n < 1100 else 16)
+        check_consistent(x[1], None, c[1], labels[1], inertia[1], rtol=1e-7)
+
+
+def test_small_rows_weighted():
+    rng = np.random.default_rng(5)
+    x = weight_like(8 * 3000, seed=6, dtype=np.float64).reshape(8, 3000)
+    w = rng.random(x.shape) ** 2
+    w[:, ::7] = 0.0
+    c, labels, inertia = _per_row_within(x, 16, w)
+    check_consistent(x[3], w[3], c[3], labels[3], inertia[3], rtol=1e-7)
+    # Integer-valued weights must not take the unweighted shortcut's count arithmetic wrongly.
+    wi = rng.integers(0, 4, x.shape).astype(np.float32)
+    _per_row_within(x, 16, wi)
+
+
+def test_small_rows_few_distinct_values():
+    rng = np.random.default_rng(2)
+    grid = np.linspace(-0.1, 0.1, 40).astype(np.float32)
+    x = grid[rng.integers(0, 40, (4, 2000))]
+    _, _, inertia = kmeans1d(x, 64, axis=0)  # k >= distinct values
+    assert np.all(inertia == 0.0)
+    _per_row_within(x, 16)  # fewer distinct values than the banded path needs: the general route
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_small_rows_dtypes(dtype):
+    x = weight_like(6 * 2000, seed=3).reshape(6, 2000).astype(dtype)
+    c, labels, inertia = _per_row_within(x, 16)
+    expected = np.float64 if dtype == np.float64 else np.float32
+    assert c.dtype == expected
+    check_consistent(x[2].astype(expected), None, c[2], labels[2], inertia[2], rtol=1e-7)
+
+
+def test_small_rows_thread_count_invariance_and_single_row_calls():
+    x = weight_like(37 * 3000, seed=12).reshape(37, 3000)
+    results = [kmeans1d(x, 16, axis=0, num_threads=t) for t in (1, 2, 3, 7)]
+    for c, labels, inertia in results[1:]:
+        np.testing.assert_array_equal(c, results[0][0])
+        np.testing.assert_array_equal(labels, results[0][1])
+        np.testing.assert_array_equal(inertia, results[0][2])
+    for r in (0, 17, 36):
+        c, labels, inertia = kmeans1d(x[r], 16)
+        np.testing.assert_array_equal(c, results[0][0][r])
+        np.testing.assert_array_equal(labels, results[0][1][r])
+        assert inertia == results[0][2][r]
+
+
+def _onnx_matmul_weights(limit):
+    onnx = pytest.importorskip("onnx")
+    from pathlib import Path
+
+    path = Path("/work/models/minilm.onnx")
+    if not path.exists():
+        pytest.skip("MiniLM ONNX model not available")
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            out += [numpy_helper.to_array(inits[i]) for i in node.input if i in inits]
+        if len(out) >= limit:
+            break
+    return out
+
+
+def test_small_rows_on_real_transformer_weights():
+    """Per channel on MiniLM MatMul weights, both orientations (rows of 384 and 1536 values)."""
+    for w in _onnx_matmul_weights(3):
+        for mat in (w, np.ascontiguousarray(w.T)):
+            for k in (4, 16):
+                _per_row_within(np.ascontiguousarray(mat, dtype=np.float32), k)
+
+
 # --- dtypes, shapes, axes ------------------------------------------------------------------------------------
 
 
