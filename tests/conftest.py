@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,13 +60,30 @@ def children_import_this_package():
         yield
 
 
+def _run_cli(command: str, *args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    # 900 s: a MiniLM run takes minutes on two cores. The child keeps Python's default warning filters: it
+    # prints no warnings, and any would go to stderr, never into the JSON on stdout.
+    return subprocess.run([sys.executable, "-P", "-m", "pyqshare", command, *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=900, check=False)
+
+
+def _run_method(method: str, source: Path, output: Path, *flags: object) -> dict:
+    done = _run_cli(method, "--model-path", source, "--output-path", output, "--json", *flags, cwd=output.parent)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+# Session-scoped (they hold no state) so that module- and session-scoped fixtures can run the command line too.
 @pytest.fixture(scope="session")
 def run_cli():
     """``run_cli(command, *args, cwd=None)``: ``python -m pyqshare command args...`` in a child process, returning
     its CompletedProcess with text stdout and stderr."""
+    return _run_cli
 
-    def run(command: str, *args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-P", "-m", "pyqshare", command, *map(str, args)], cwd=cwd,
-                              capture_output=True, text=True, timeout=600, check=False)
 
-    return run
+@pytest.fixture(scope="session")
+def run_method():
+    """``run_method(method, source, output, *flags)``: ``pyqshare method --model-path source --output-path output
+    --json flags...`` in a child process working in output's folder; asserts exit status 0 (showing stderr
+    otherwise) and returns the JSON report, which must be the whole of stdout."""
+    return _run_method

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +22,6 @@ from pyqshare.zoo import synthetic_cnn as cnn_model
 from pyqshare.zoo import synthetic_mlp as mlp_model
 
 SHAPES = {mlp_model: "x=1,16,32", cnn_model: "x=1,3,16,16"}
-
-
-def cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-P", "-m", "pyqshare", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-
-def cluster_cli(source: Path, output: Path, *flags: object) -> dict:
-    done = cli("cluster", "--model-path", source, "--output-path", output, "--json", *flags, cwd=output.parent)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def linear_views(model: onnx.ModelProto, model_dir: Path) -> dict[str, np.ndarray]:
@@ -232,11 +218,11 @@ def _dequantized_weights(path: Path, names: list[str], sample: dict) -> dict[str
 
 @pytest.mark.parametrize("build", [mlp_model, cnn_model])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_grid_aligned_int8_model_holds_exactly_the_clustered_weights(tmp_path, build, per_channel):
+def test_grid_aligned_int8_model_holds_exactly_the_clustered_weights(tmp_path, run_method, build, per_channel):
     source = build(tmp_path / "float.onnx")
     flags = ["--input-shape", SHAPES[build], "--clusters", 4, "--grid-aligned", *(["--per-channel"] * per_channel)]
-    summary = cluster_cli(source, tmp_path / "q.onnx", *flags)
-    cluster_cli(source, tmp_path / "f.onnx", *flags, "--no-quantize")
+    summary = run_method("cluster", source, tmp_path / "q.onnx", *flags)
+    run_method("cluster", source, tmp_path / "f.onnx", *flags, "--no-quantize")
     float_model = load_model(tmp_path / "f.onnx", load_weights=True)
     assert not {n.op_type for n in float_model.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
     floats = {w.name: np.asarray(w.array()) for w in find_weights(float_model, tmp_path)}
@@ -257,17 +243,17 @@ def test_grid_aligned_int8_model_holds_exactly_the_clustered_weights(tmp_path, b
         assert summary["layers"][name]["int8_sqnr_db_nonfinite"] == "inf"
 
 
-def test_without_grid_alignment_int8_rounding_moves_the_codebook_a_little(tmp_path):
+def test_without_grid_alignment_int8_rounding_moves_the_codebook_a_little(tmp_path, run_method):
     source = mlp_model(tmp_path / "float.onnx")
-    summary = cluster_cli(source, tmp_path / "q.onnx", "--input-shape", SHAPES[mlp_model], "--clusters", 8)
+    summary = run_method("cluster", source, tmp_path / "q.onnx", "--input-shape", SHAPES[mlp_model], "--clusters", 8)
     for layer in summary["layers"].values():
         assert 30.0 < layer["int8_sqnr_db"] < math.inf
 
 
-def test_summary_json_sizes_and_layers(tmp_path):
+def test_summary_json_sizes_and_layers(tmp_path, run_method):
     source = cnn_model(tmp_path / "float.onnx")
     out = tmp_path / "q.onnx"
-    small = cluster_cli(source, out, "--input-shape", SHAPES[cnn_model], "--clusters", 4)
+    small = run_method("cluster", source, out, "--input-shape", SHAPES[cnn_model], "--clusters", 4)
     assert json.loads((tmp_path / "q.summary.json").read_text()) == small
     assert small["method"] == "cluster" and small["parameters"]["clusters"] == 4
     assert small["model_type"] == "vision" and small["parameters"]["activation_bits"] == 8
@@ -276,12 +262,12 @@ def test_summary_json_sizes_and_layers(tmp_path):
     assert layers["c2"]["output_sqnr_db"] is None and layers["fc"]["output_sqnr_db"] is not None
     # Index bits plus float32 codebooks: 2 bits per value and 4 values per tensor at k=4.
     assert layers["c2"]["bits_per_weight"] == pytest.approx((4608 * 2 + 4 * 32) / 4608, abs=1e-4)
-    large = cluster_cli(source, tmp_path / "q16.onnx", "--input-shape", SHAPES[cnn_model], "--clusters", 16)
+    large = run_method("cluster", source, tmp_path / "q16.onnx", "--input-shape", SHAPES[cnn_model], "--clusters", 16)
     elements = sum(layer["elements"] for layer in layers.values())
     expected_growth = (elements * (4 - 2) + 3 * (16 - 4) * 32) / 8
     assert abs(large["packed_bytes"] - small["packed_bytes"] - expected_growth) <= 1
     # The Guide's table: vision models default to 16 clusters.
-    default = cluster_cli(source, tmp_path / "qd.onnx", "--input-shape", SHAPES[cnn_model])
+    default = run_method("cluster", source, tmp_path / "qd.onnx", "--input-shape", SHAPES[cnn_model])
     assert default["parameters"]["clusters"] == 16 and default["packed_bytes"] == large["packed_bytes"]
 
 
@@ -296,19 +282,19 @@ def test_summary_json_sizes_and_layers(tmp_path):
         (("--clusters", "many"), "invalid int"),
     ],
 )
-def test_bad_flags_exit_2_and_write_nothing(tmp_path, flags, message):
+def test_bad_flags_exit_2_and_write_nothing(tmp_path, run_cli, flags, message):
     source = mlp_model(tmp_path / "float.onnx")
-    done = cli("cluster", "--model-path", source, "--output-path", tmp_path / "q.onnx", "--input-shape",
-               SHAPES[mlp_model], *flags, cwd=tmp_path)
+    done = run_cli("cluster", "--model-path", source, "--output-path", tmp_path / "q.onnx", "--input-shape",
+                   SHAPES[mlp_model], *flags, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["float.onnx"]
 
 
-def test_clustered_qdq_model_runs_whole_on_the_htp(tmp_path, require_qnn):
+def test_clustered_qdq_model_runs_whole_on_the_htp(tmp_path, require_qnn, run_method):
     source = mlp_model(tmp_path / "float.onnx")
     out = tmp_path / "q.onnx"
-    summary = cluster_cli(source, out, "--input-shape", SHAPES[mlp_model], "--clusters", 16, "--per-channel",
-                          "--grid-aligned")
+    summary = run_method("cluster", source, out, "--input-shape", SHAPES[mlp_model], "--clusters", 16,
+                         "--per-channel", "--grid-aligned")
     report = evaluate(source, out, samples=default_inputs(load_model(out), purpose="evaluation", count=1), qnn=True)
     # CPU fallback is disabled: a result means the HTP ran every node; it agrees with the CPU run.
     assert report["qnn"]["min_sqnr_db"] > summary["min_sqnr_db"] - 3.0, report["qnn"]
@@ -317,9 +303,9 @@ def test_clustered_qdq_model_runs_whole_on_the_htp(tmp_path, require_qnn):
 # ------------------------------------------------------------------------------------------ a real model
 
 
-def test_minilm_clustered_to_16_values_per_tensor(minilm_onnx, tmp_path):
+def test_minilm_clustered_to_16_values_per_tensor(minilm_onnx, tmp_path, run_method):
     out = tmp_path / "q.onnx"
-    summary = cluster_cli(minilm_onnx, out, "--clusters", 16)
+    summary = run_method("cluster", minilm_onnx, out, "--clusters", 16)
     layers = summary["layers"]
     assert len(layers) == 36 and {layer["distinct_values"] for layer in layers.values()} == {16}
     # Refinement lifts every layer's output on the calibration data (measured: 19.8 -> 31.6 dB on average).

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +21,6 @@ from pyqshare.quantization.folding import fold_batch_norms
 from pyqshare.quantization.pipeline import quantize_model
 from pyqshare.quantization.rounding import gptq_assign, gptq_round, inverse_upper_cholesky
 from pyqshare.quantization.scheme import QuantScheme, WeightScheme
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------ model builders
@@ -354,19 +350,12 @@ def test_bias_correction_reduces_the_quantized_models_mean_output_error(bits):
 # ---------------------------------------------------------------------------------------------------- the command
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-P", "-m", "pyqshare", "learned", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
-
-
-def test_cli_json_is_one_object_and_records_everything(tmp_path):
+def test_cli_json_is_one_object_and_records_everything(tmp_path, run_method):
     model = small_cnn(tmp_path / "cnn.onnx")
     output = tmp_path / "q.onnx"
     # --target cpu: learned folds the BatchNorms itself (with --target qnn, prepare has folded them already).
-    result = cli("--model-path", model, "--output-path", output, "--epochs", "3", "--learning-rate", "5e-5",
-                 "--target", "cpu", "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)  # the whole of stdout is one JSON object
+    # run_method parses the whole of stdout as one JSON object.
+    report = run_method("learned", model, output, "--epochs", "3", "--learning-rate", "5e-5", "--target", "cpu")
     parameters = report["parameters"]
     assert parameters["folded_batchnorms"] == 2 and parameters["added_biases"] == 1  # the Gemm had no C
     assert parameters["bias_corrected_layers"] == 3 and parameters["rounding"] == "adaround"
@@ -381,12 +370,10 @@ def test_cli_json_is_one_object_and_records_everything(tmp_path):
 
 
 @pytest.mark.parametrize(("flags", "rounding"), [(["--iterations", "0"], "nearest"), (["--rounding", "gptq"], "gptq")])
-def test_cli_switches_off_folding_and_bias_correction(tmp_path, flags, rounding):
+def test_cli_switches_off_folding_and_bias_correction(tmp_path, run_method, flags, rounding):
     model = small_cnn(tmp_path / "cnn.onnx")
-    result = cli("--model-path", model, "--output-path", tmp_path / "q.onnx", "--no-fold-bn",
-                 "--no-bias-correction", "--weight-bits", "4", "--target", "cpu", *flags, "--json")
-    assert result.returncode == 0, result.stderr
-    parameters = json.loads(result.stdout)["parameters"]
+    parameters = run_method("learned", model, tmp_path / "q.onnx", "--no-fold-bn", "--no-bias-correction",
+                            "--weight-bits", "4", "--target", "cpu", *flags)["parameters"]
     assert parameters["folded_batchnorms"] == 0 and parameters["bias_corrected_layers"] == 0
     assert parameters["rounding"] == rounding and parameters["weight_bits"] == 4
     assert "BatchNormalization" in {node.op_type for node in onnx.load(tmp_path / "q.onnx").graph.node}
@@ -402,42 +389,40 @@ def test_cli_switches_off_folding_and_bias_correction(tmp_path, flags, rounding)
         (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
     ],
 )
-def test_cli_refusals_exit_2_and_write_nothing(tmp_path, args, message):
+def test_cli_refusals_exit_2_and_write_nothing(tmp_path, run_cli, args, message):
     model = small_cnn(tmp_path / "cnn.onnx")
-    result = cli("--model-path", model, "--output-path", tmp_path / "q.onnx", *args, "--json")
+    result = run_cli("learned", "--model-path", model, "--output-path", tmp_path / "q.onnx", *args, "--json")
     assert result.returncode == 2
     assert result.stdout == "" and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cnn.onnx"]
 
 
 @pytest.mark.parametrize("flag", [["--weight-bits", "16"], ["--rounding", "stochastic"], ["--epochs", "three"]])
-def test_cli_usage_errors_exit_2(tmp_path, flag):
-    result = cli("--model-path", small_cnn(tmp_path / "cnn.onnx"), "--output-path", tmp_path / "q.onnx", *flag)
+def test_cli_usage_errors_exit_2(tmp_path, run_cli, flag):
+    model = small_cnn(tmp_path / "cnn.onnx")
+    result = run_cli("learned", "--model-path", model, "--output-path", tmp_path / "q.onnx", *flag)
     assert result.returncode == 2 and flag[0] in result.stderr
 
 
 # ------------------------------------------------------------------------------------------ real models and the HTP
 
 
-def test_minilm(minilm_onnx, tmp_path):
+def test_minilm(minilm_onnx, tmp_path, run_method):
     """all-MiniLM-L6-v2 end to end, at 20 AdaRound iterations to keep the test short. Measured (min over outputs):
     nearest rounding 24.3 dB, nearest + bias correction 25.8, AdaRound 20 iterations + bias correction 26.1,
     the default 100 iterations 28.2; per-channel's GPTQ 32.8."""
     output = tmp_path / "minilm-learned.onnx"
-    result = cli("--model-path", minilm_onnx, "--output-path", output, "--iterations", "20", "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    report = run_method("learned", minilm_onnx, output, "--iterations", "20")
     assert report["parameters"]["folded_batchnorms"] == 0  # a transformer has none
     assert report["parameters"]["bias_corrected_layers"] == 36  # every MatMul + Add of the six layers
     assert report["parameters"]["activation_bits"] == 16
     assert report["min_sqnr_db"] > 25.5  # measured 26.1 dB
 
 
-def test_learned_model_runs_on_the_htp_simulator(tmp_path, require_qnn):
+def test_learned_model_runs_on_the_htp_simulator(tmp_path, require_qnn, run_method):
     model = small_cnn(tmp_path / "cnn.onnx")
     output = tmp_path / "q.onnx"
-    result = cli("--model-path", model, "--output-path", output, "--json")
-    assert result.returncode == 0, result.stderr
+    run_method("learned", model, output)
     sample = default_inputs(onnx.load(model), count=1, purpose="evaluation")
     report = evaluate(model, output, samples=sample, qnn=True)  # CPU fallback disabled: all of it on the HTP
     assert report["qnn"]["min_sqnr_db"] > 35.0  # measured 47 dB

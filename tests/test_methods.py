@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +21,6 @@ from pyqshare.zoo import synthetic_mlp as mlp_model
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
 
 
-def cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-P", "-m", "pyqshare", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-
-def quantize_cli(method: str, source: Path, output: Path, *flags: object) -> dict:
-    done = cli(method, "--model-path", source, "--output-path", output, "--json", *flags, cwd=output.parent)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
 def dequantized_weights(path: Path) -> dict[str, tuple[onnx.NodeProto, dict]]:
     """DequantizeLinear nodes reading an initializer: {output name: (node, {input name: array})}."""
     model = onnx.load(path)
@@ -47,9 +33,10 @@ def dequantized_weights(path: Path) -> dict[str, tuple[onnx.NodeProto, dict]]:
 
 
 @pytest.mark.parametrize("build", [mlp_model, conv_model])
-def test_every_float_tensor_a_node_reads_comes_through_dequantize(tmp_path, build):
+def test_every_float_tensor_a_node_reads_comes_through_dequantize(tmp_path, run_method, build):
     source = build(tmp_path / "float.onnx")
-    quantize_cli("per-channel", source, tmp_path / "q.onnx", "--input-shape", "x=1," + ("16,32" if build is mlp_model else "3,16,16"))
+    shape = "x=1," + ("16,32" if build is mlp_model else "3,16,16")
+    run_method("per-channel", source, tmp_path / "q.onnx", "--input-shape", shape)
     model = onnx.load(tmp_path / "q.onnx")
     produced_by = {out: node for node in model.graph.node for out in node.output}
     inits = {t.name for t in model.graph.initializer}
@@ -63,9 +50,9 @@ def test_every_float_tensor_a_node_reads_comes_through_dequantize(tmp_path, buil
     assert {o.name for o in model.graph.output} <= {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
 
 
-def test_int8_baseline_is_per_tensor_symmetric_min_max(tmp_path):
+def test_int8_baseline_is_per_tensor_symmetric_min_max(tmp_path, run_method):
     source = mlp_model(tmp_path / "float.onnx")
-    summary = quantize_cli("int8", source, tmp_path / "q.onnx", "--input-shape", "x=1,16,32")
+    summary = run_method("int8", source, tmp_path / "q.onnx", "--input-shape", "x=1,16,32")
     weights = dequantized_weights(tmp_path / "q.onnx")
     node, arrays = weights["w1"]
     codes, scale, zero = (arrays[name] for name in node.input)
@@ -79,19 +66,19 @@ def test_int8_baseline_is_per_tensor_symmetric_min_max(tmp_path):
     assert {inits[n.input[2]].dtype for n in model.graph.node if n.op_type == "QuantizeLinear"} == {np.dtype(np.uint8)}
 
 
-def test_int4_baseline_packs_signed_4_bit_weights(tmp_path):
+def test_int4_baseline_packs_signed_4_bit_weights(tmp_path, run_method):
     source = mlp_model(tmp_path / "float.onnx")
-    quantize_cli("int4", source, tmp_path / "q.onnx", "--input-shape", "x=1,16,32")
+    run_method("int4", source, tmp_path / "q.onnx", "--input-shape", "x=1,16,32")
     model = onnx.load(tmp_path / "q.onnx")
     assert {t.data_type for t in model.graph.initializer if t.name == "w1_quantized"} == {TensorProto.INT4}
 
 
-def test_per_channel_levels_each_improve_the_output(tmp_path):
+def test_per_channel_levels_each_improve_the_output(tmp_path, run_method):
     source = mlp_model(tmp_path / "float.onnx", features=64, hidden=128)
     sqnr = {}
     for level in (0, 1, 2):
-        summary = quantize_cli("per-channel", source, tmp_path / f"q{level}.onnx", "--input-shape", "x=1,16,64",
-                               "--weight-bits", "4", "--optimization-level", level)
+        summary = run_method("per-channel", source, tmp_path / f"q{level}.onnx", "--input-shape", "x=1,16,64",
+                             "--weight-bits", "4", "--optimization-level", level)
         sqnr[level] = summary["min_sqnr_db"]
         assert summary["parameters"]["optimization_level"] == level
     # MSE scales beat min-max, and GPTQ rounding beats nearest rounding by a clear margin at 4 bits.
@@ -99,9 +86,9 @@ def test_per_channel_levels_each_improve_the_output(tmp_path):
     assert sqnr[2] > sqnr[1] + 1.0
 
 
-def test_per_channel_scales_run_along_output_channels(tmp_path):
+def test_per_channel_scales_run_along_output_channels(tmp_path, run_method):
     source = conv_model(tmp_path / "float.onnx")
-    quantize_cli("per-channel", source, tmp_path / "q.onnx", "--input-shape", "x=1,3,16,16")
+    run_method("per-channel", source, tmp_path / "q.onnx", "--input-shape", "x=1,3,16,16")
     weights = dequantized_weights(tmp_path / "q.onnx")
     conv, arrays = weights["c1"]
     assert next(a.i for a in conv.attribute if a.name == "axis") == 0 and arrays[conv.input[1]].shape == (16,)
@@ -111,10 +98,10 @@ def test_per_channel_scales_run_along_output_channels(tmp_path):
     assert arrays[bias.input[0]].dtype == np.int32
 
 
-def test_summary_encodings_and_json_agree(tmp_path):
+def test_summary_encodings_and_json_agree(tmp_path, run_method):
     source = mlp_model(tmp_path / "float.onnx")
     out = tmp_path / "q.onnx"
-    summary = quantize_cli("per-channel", source, out, "--input-shape", "x=1,16,32", "--encodings-version", "0.6.1")
+    summary = run_method("per-channel", source, out, "--input-shape", "x=1,16,32", "--encodings-version", "0.6.1")
     assert json.loads((tmp_path / "q.summary.json").read_text()) == summary
     for key in ("method", "model", "output", "size_bytes", "packed_bytes", "bits_per_weight", "calibration",
                 "outputs", "layers"):
@@ -135,16 +122,16 @@ def test_summary_encodings_and_json_agree(tmp_path):
         (("--num-threads", "0"), "--num-threads: num_threads must be >= 1"),
     ],
 )
-def test_refusals_exit_2_with_a_reason(tmp_path, flags, message):
+def test_refusals_exit_2_with_a_reason(tmp_path, run_cli, flags, message):
     source = mlp_model(tmp_path / "float.onnx")
-    done = cli("per-channel", "--model-path", source, "--output-path", tmp_path / "q.onnx", "--input-shape",
-               "x=1,16,32", *flags, cwd=tmp_path)
+    done = run_cli("per-channel", "--model-path", source, "--output-path", tmp_path / "q.onnx", "--input-shape",
+                   "x=1,16,32", *flags, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_a_missing_model_exits_2(tmp_path):
-    done = cli("int8", "--model-path", tmp_path / "none.onnx", "--output-path", tmp_path / "q.onnx", cwd=tmp_path)
+def test_a_missing_model_exits_2(tmp_path, run_cli):
+    done = run_cli("int8", "--model-path", tmp_path / "none.onnx", "--output-path", tmp_path / "q.onnx", cwd=tmp_path)
     assert done.returncode == 2 and "none.onnx" in done.stderr
 
 
@@ -152,9 +139,9 @@ def test_a_missing_model_exits_2(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def minilm_per_channel(minilm_onnx, tmp_path_factory):
+def minilm_per_channel(minilm_onnx, tmp_path_factory, run_method):
     folder = tmp_path_factory.mktemp("minilm")
-    summary = quantize_cli("per-channel", minilm_onnx, folder / "q.onnx")
+    summary = run_method("per-channel", minilm_onnx, folder / "q.onnx")
     return folder / "q.onnx", summary
 
 
@@ -190,13 +177,13 @@ def test_minilm_per_channel_runs_whole_on_the_htp(minilm_onnx, minilm_per_channe
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # onnxruntime's quantizer suggests its own pre-processing
-def test_real_cnn_per_channel_beats_onnxruntime_and_runs_on_the_htp(ppocr_cls_onnx, tmp_path, require_qnn):
+def test_real_cnn_per_channel_beats_onnxruntime_and_runs_on_the_htp(ppocr_cls_onnx, tmp_path, require_qnn, run_method):
     """PP-OCR's MobileNetV3 classifier (Conv+BN, hard-swish, SE blocks, Softmax), 8-bit activations."""
     from pyqshare.prepare import prepare_model
     from pyqshare.qnn.placement import placement_report
 
     shape = {"x": (1, 3, 48, 192)}
-    summary = quantize_cli("per-channel", ppocr_cls_onnx, tmp_path / "q.onnx", "--input-shape", "x=1,3,48,192")
+    summary = run_method("per-channel", ppocr_cls_onnx, tmp_path / "q.onnx", "--input-shape", "x=1,3,48,192")
     assert summary["model_type"] == "vision" and summary["parameters"]["activation_bits"] == 8
     prepare_model(ppocr_cls_onnx, tmp_path / "prepared.onnx", shape, placement="none")
     prepared = load_model(tmp_path / "prepared.onnx")

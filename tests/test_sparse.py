@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +19,6 @@ from pyqshare.cli import main
 from pyqshare.methods import sparse
 from pyqshare.methods.sparse import PruningConfig, prune_model, refit_weights, schedule_targets
 from pyqshare.model import load_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- models ---------------------------------------------------------------------------------------------------
@@ -90,11 +86,6 @@ def nm_reference_keep(weight: np.ndarray, n: int, m: int, axis: int) -> np.ndarr
     groups = moved.reshape(-1, m)
     ranks = np.argsort(np.argsort(-groups, axis=1, kind="stable"), axis=1, kind="stable")
     return np.moveaxis((ranks < n).reshape(moved.shape), -1, axis)
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-P", "-m", "pyqshare", "sparse", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
 
 
 def run_in_process(capsys, *args) -> tuple[int, dict | None, str]:
@@ -406,12 +397,12 @@ def test_refusals_exit_2_and_write_nothing(tmp_path, capsys, args, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", *(f"{n}.json" for n in BAD_TABLES)])
 
 
-def test_cli_exit_2_and_json_is_one_object(tmp_path):
+def test_cli_exit_2_and_json_is_one_object(tmp_path, run_cli):
     source = mlp(tmp_path / "m.onnx")
-    refused = run_cli("--model-path", source, "--output-path", tmp_path / "bad.onnx", "--structured-pattern", "4:2",
-                      "--json")
+    refused = run_cli("sparse", "--model-path", source, "--output-path", tmp_path / "bad.onnx", "--structured-pattern",
+                      "4:2", "--json")
     assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1
-    done = run_cli("--model-path", source, "--output-path", tmp_path / "q.onnx", "--pruning-method",
+    done = run_cli("sparse", "--model-path", source, "--output-path", tmp_path / "q.onnx", "--pruning-method",
                    "weight_importance", "--pruning-schedule", "exponential", "--steps", "2", "--json")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 1
