@@ -78,6 +78,7 @@ def quantize_weight_in_place(
     *,
     axis: int | None = None,
     block_size: int | None = None,
+    names: NameFactory | None = None,
 ) -> str:
     """Store ``weight`` as integer codes behind a DequantizeLinear whose output keeps the weight's name.
 
@@ -103,6 +104,9 @@ def quantize_weight_in_place(
         None for per-tensor, else the axis the scales run along (negative counts from the end).
     block_size
         With ``axis``: the number of consecutive elements along ``axis`` sharing a scale.
+    names
+        A :class:`~pyqshare.model.graph.NameFactory` of ``model`` shared by many calls (building one scans
+        the whole model); None builds one.
 
     Returns
     -------
@@ -132,7 +136,7 @@ def quantize_weight_in_place(
 
     ensure_opset(model)
     graph, initializer, constant = locate(model, weight)
-    names = NameFactory(model)
+    names = names or NameFactory(model)
     inputs = [names(f"{weight.name}_quantized"), names(f"{weight.name}_scale"), names(f"{weight.name}_zero_point")]
     attributes = {} if axis is None else {"axis": axis}
     if block_size is not None:
@@ -156,7 +160,8 @@ def quantize_weight_in_place(
 
 
 def quantize_bias_in_place(
-    model: onnx.ModelProto, weight: Weight, input_scale: float, weight_scale: np.ndarray | float
+    model: onnx.ModelProto, weight: Weight, input_scale: float, weight_scale: np.ndarray | float, *,
+    names: NameFactory | None = None,
 ) -> np.ndarray:
     """Store a bias as int32 with scale ``input_scale * weight_scale`` and zero point 0 (QNN's bias format).
 
@@ -172,6 +177,8 @@ def quantize_bias_in_place(
         The scale of the layer's weight (``weight.bias_of``): one value, or one per output channel when
         the weight is quantized per channel; the bias is then quantized per channel along its
         ``channel_axis``.
+    names
+        As for :func:`quantize_weight_in_place`.
 
     Returns
     -------
@@ -190,7 +197,7 @@ def quantize_bias_in_place(
     codes = np.divide(values, broadcast, out=np.zeros_like(values), where=broadcast != 0)
     low, high = QUANTIZED_TYPES[TensorProto.INT32]
     codes = np.clip(np.rint(codes), low, high).astype(np.int32)
-    quantize_weight_in_place(model, weight, codes, scale, None, TensorProto.INT32, axis=axis)
+    quantize_weight_in_place(model, weight, codes, scale, None, TensorProto.INT32, axis=axis, names=names)
     return scale
 
 
@@ -202,6 +209,7 @@ def insert_activation_qdq(
     onnx_elem_type: int,
     *,
     graph: str = "",
+    names: NameFactory | None = None,
 ) -> str:
     """Route activation ``tensor_name`` through QuantizeLinear -> DequantizeLinear (per tensor).
 
@@ -217,6 +225,9 @@ def insert_activation_qdq(
         ``TensorProto.UINT8``, ``INT8``, ``UINT16``, ``INT16`` (or 4-bit types).
     graph
         Path of the graph defining the tensor (``""``: the main graph; see :mod:`pyqshare.model.graph`).
+    names
+        A :class:`~pyqshare.model.graph.NameFactory` of ``model`` shared by many calls (building one scans
+        the whole model); None builds one.
 
     Returns
     -------
@@ -231,7 +242,7 @@ def insert_activation_qdq(
     known = declared is not None and declared.HasField("tensor_type")
     float_type = declared.tensor_type.elem_type if known else TensorProto.FLOAT
     scale = np.asarray(scale, dtype=helper.tensor_dtype_to_np_dtype(float_type)).reshape(())
-    names = NameFactory(model)
+    names = names or NameFactory(model)
     scale_name, zero_name = names(f"{tensor_name}_scale"), names(f"{tensor_name}_zero_point")
     quantized = names(f"{tensor_name}_quantized")
     producer = producer_index(owner, tensor_name)

@@ -30,6 +30,7 @@ from pyqshare import kernels
 from pyqshare._blas import single_threaded_blas
 from pyqshare.calibration import collect_activation_ranges
 from pyqshare.model import Weight, find_weights
+from pyqshare.model.graph import NameFactory
 from pyqshare.model.qdq import insert_activation_qdq, quantize_bias_in_place, quantize_weight_in_place
 from pyqshare.quantization.adaround import adaround
 from pyqshare.quantization.layers import GramAccumulator, gram_input, layer_input
@@ -151,6 +152,7 @@ def quantize_model(
     grams = {name: tensor_grams[tensor] for name, tensor in gram_inputs.items()}
 
     result = QuantizedModel(model)
+    names = NameFactory(model)  # one for every Q/DQ inserted below: building one scans the whole model
     int32_biases = _int32_biases(model, weights, linear, schemes, ranges, scheme.activation_bits)
     bias_of_layer = {bias.bias_of: (bias, input_scale) for bias, input_scale in int32_biases.values()}
     weight_scales: dict[str, np.ndarray] = {}
@@ -164,7 +166,7 @@ def quantize_model(
         )
         dequantized = kernels.dequantize(codes, scale, zero_point, chosen.bits, axis=axis, block_size=block_size)
         quantize_weight_in_place(
-            model, weight, codes, scale, zero_point, chosen.elem_type, axis=axis, block_size=block_size
+            model, weight, codes, scale, zero_point, chosen.elem_type, axis=axis, block_size=block_size, names=names
         )
         weight_scales[weight.name] = scale
         if on_weight_quantized is not None:
@@ -181,10 +183,11 @@ def quantize_model(
             continue
         if weight.name in int32_biases:
             _, input_scale = int32_biases[weight.name]
-            quantize_bias_in_place(model, weight, input_scale, _per_bias_channel(weight_scales[weight.bias_of], weight))
+            bias_scale = _per_bias_channel(weight_scales[weight.bias_of], weight)
+            quantize_bias_in_place(model, weight, input_scale, bias_scale, names=names)
             bits = 32
         else:
-            _quantize_static(model, weight, scheme.activation_bits, scheme.activation_elem_type)
+            _quantize_static(model, weight, scheme.activation_bits, scheme.activation_elem_type, names)
             bits = scheme.activation_bits
         if weight.size >= min_elements:
             result.weight_elements += weight.size
@@ -200,7 +203,7 @@ def quantize_model(
         fixed = FIXED_OUTPUT_QPARAMS.get(producers.get(name, ""))
         bits = scheme.activation_bits
         scale, zero_point = fixed(bits) if fixed else _activation_qparams(low, high, bits)
-        insert_activation_qdq(model, name, scale, zero_point, scheme.activation_elem_type)
+        insert_activation_qdq(model, name, scale, zero_point, scheme.activation_elem_type, names=names)
 
     result.packed_bytes = math.ceil(result.weight_bits / 8)
     return result
@@ -305,7 +308,7 @@ def _activation_qparams(low: float, high: float, bits: int) -> tuple[float, int]
     return float(np.float32(scale)), zero_point
 
 
-def _quantize_static(model: onnx.ModelProto, weight: Weight, bits: int, elem_type: int) -> None:
+def _quantize_static(model: onnx.ModelProto, weight: Weight, bits: int, elem_type: int, names: NameFactory) -> None:
     values = np.asarray(weight.array(), dtype=np.float32).reshape(weight.shape)
     finite = values[np.isfinite(values)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
@@ -313,7 +316,7 @@ def _quantize_static(model: onnx.ModelProto, weight: Weight, bits: int, elem_typ
     clipped = np.array(np.clip(values, np.float32(low), np.float32(high)))  # +-inf land on the range ends
     unsigned = np.uint16 if bits == 16 else np.uint8
     codes = kernels.quantize(clipped, np.float32(scale), np.array(zero_point, unsigned), bits)
-    quantize_weight_in_place(model, weight, codes, scale, zero_point, elem_type)
+    quantize_weight_in_place(model, weight, codes, scale, zero_point, elem_type, names=names)
 
 
 def fake_quantize_linear(weight: Weight, scheme: WeightScheme, gram: np.ndarray | None = None) -> np.ndarray:
