@@ -85,14 +85,19 @@ struct GroupData {
 constexpr std::size_t kLanes = 16;
 
 // Cache lines of the next group, asked for a slice at a time while the current group is searched: a
-// group's first pass otherwise waits for memory, and one burst of requests is mostly dropped. They go to
-// L2 (locality 2): in L1 they would push out the current group's histogram.
+// group's first pass otherwise waits for memory, and one burst of requests is mostly dropped. With
+// `to_l2` they go to L2 only (locality 2): in L1 they would push out the current group's histogram.
 struct Prefetch {
   const float* next = nullptr;
   std::size_t left = 0;  // floats not asked for yet
+  bool to_l2 = false;
   void step(std::size_t count) {
     count = std::min(count, left);
-    for (std::size_t k = 0; k < count; k += 16) __builtin_prefetch(next + k, 0, 2);
+    if (to_l2) {
+      for (std::size_t k = 0; k < count; k += 16) __builtin_prefetch(next + k, 0, 2);
+    } else {
+      for (std::size_t k = 0; k < count; k += 16) __builtin_prefetch(next + k);
+    }
     next += count;
     left -= count;
   }
@@ -1904,6 +1909,7 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   // objectives (screening bound, refinement hint).
   double weighted_sum_sq = st.weighted_sum_sq;
   if (histogram) {
+    sc.prefetch.to_l2 = true;
     // The build also collects the largest elements (below): no separate pass over the group.
     sc.top.clear();
     sc.hist.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), st.abs_sum, isa, sc.prefetch,
