@@ -85,13 +85,19 @@ struct GroupData {
 constexpr std::size_t kLanes = 16;
 
 // Cache lines of the next group, asked for a slice at a time while the current group is searched: a
-// group's first pass otherwise waits for memory, and one burst of requests is mostly dropped.
+// group's first pass otherwise waits for memory, and one burst of requests is mostly dropped. With
+// `to_l2` they go to L2 only (locality 2): in L1 they would push out the current group's histogram.
 struct Prefetch {
   const float* next = nullptr;
   std::size_t left = 0;  // floats not asked for yet
+  bool to_l2 = false;
   void step(std::size_t count) {
     count = std::min(count, left);
-    for (std::size_t k = 0; k < count; k += 16) __builtin_prefetch(next + k);
+    if (to_l2) {
+      for (std::size_t k = 0; k < count; k += 16) __builtin_prefetch(next + k, 0, 2);
+    } else {
+      for (std::size_t k = 0; k < count; k += 16) __builtin_prefetch(next + k);
+    }
     next += count;
     left -= count;
   }
@@ -828,7 +834,9 @@ struct HistogramGroup {
   }
   double slack() const { return 0x1p-50 * std::fabs(static_cast<double>(origin)) + 0x1p-140; }
 
-  void build(const float* x, std::size_t count_in, float lo, float hi, double abs_sum, Isa isa, Prefetch& prefetch);
+  // Also appends to `big` the indices of the elements with |x| >= big_threshold (in index order).
+  void build(const float* x, std::size_t count_in, float lo, float hi, double abs_sum, Isa isa, Prefetch& prefetch,
+             float big_threshold, std::vector<std::size_t>& big);
 };
 
 // About two elements per bin while the packed prefix sums (8 bytes per bin) fit a 16 KB cache budget
@@ -854,17 +862,23 @@ PYQSHARE_AVX2 inline __m256i round_to_int64_avx2(__m256d v) {
 }
 
 // The bin() and packed value (one count plus the fixed-point value) of n elements, eight per step; returns
-// the sum of their squares.
+// the sum of their squares. Indices (plus `base`) of elements with |x| >= big_threshold go to `big` (few:
+// one test per step).
 PYQSHARE_AVX2 inline double pack_elements_avx2(const float* x, std::size_t n, float origin, float inv_width,
-                                               float top, double fix, uint16_t* bins, int64_t* values) {
+                                               float top, double fix, uint16_t* bins, int64_t* values,
+                                               float big_threshold, std::size_t base, std::vector<std::size_t>& big) {
   const __m256 o = _mm256_set1_ps(origin), inv = _mm256_set1_ps(inv_width), t = _mm256_set1_ps(top);
-  const __m256 zero = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps(), big_t = _mm256_set1_ps(big_threshold), sign = _mm256_set1_ps(-0.0f);
   const __m256d scale = _mm256_set1_pd(fix);
   const __m256i one = _mm256_set1_epi64x(int64_t{1} << HistogramGroup::kCountShift);
   __m256d sq0 = _mm256_setzero_pd(), sq1 = sq0;
   std::size_t k = 0;
   for (; k + 8 <= n; k += 8) {
     const __m256 v = _mm256_loadu_ps(x + k);
+    for (unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v), big_t, _CMP_GE_OQ)));
+         mask; mask &= mask - 1) {
+      big.push_back(base + k + static_cast<std::size_t>(__builtin_ctz(mask)));
+    }
     // max_ps returns its second operand (0) for NaN, as bin() does.
     const __m256 f = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(v, o), inv), zero), t);
     const __m256i b = _mm256_cvttps_epi32(f);
@@ -881,6 +895,7 @@ PYQSHARE_AVX2 inline double pack_elements_avx2(const float* x, std::size_t n, fl
   _mm256_store_pd(lane, _mm256_add_pd(sq0, sq1));
   double squares = (lane[0] + lane[1]) + (lane[2] + lane[3]);
   for (; k < n; ++k) {
+    if (std::fabs(x[k]) >= big_threshold) big.push_back(base + k);
     float f = (x[k] - origin) * inv_width;
     f = f > 0.0f ? f : 0.0f;
     bins[k] = static_cast<uint16_t>(static_cast<int32_t>(std::min(f, top)));
@@ -892,8 +907,10 @@ PYQSHARE_AVX2 inline double pack_elements_avx2(const float* x, std::size_t n, fl
 
 // pack_elements_avx2 sixteen elements per step.
 PYQSHARE_AVX512 inline double pack_elements_avx512(const float* x, std::size_t n, float origin, float inv_width,
-                                                   float top, double fix, uint16_t* bins, int64_t* values) {
+                                                   float top, double fix, uint16_t* bins, int64_t* values,
+                                                   float big_threshold, std::size_t base, std::vector<std::size_t>& big) {
   const __m512 o = _mm512_set1_ps(origin), inv = _mm512_set1_ps(inv_width), t = _mm512_set1_ps(top);
+  const __m512 big_t = _mm512_set1_ps(big_threshold);
   const __m512 zero = _mm512_setzero_ps();
   const __m512d scale = _mm512_set1_pd(fix), magic = _mm512_set1_pd(0x1.8p52);
   const __m512i one = _mm512_sub_epi64(_mm512_set1_epi64(int64_t{1} << HistogramGroup::kCountShift),
@@ -902,6 +919,9 @@ PYQSHARE_AVX512 inline double pack_elements_avx512(const float* x, std::size_t n
   std::size_t k = 0;
   for (; k + 16 <= n; k += 16) {
     const __m512 v = _mm512_loadu_ps(x + k);
+    for (unsigned mask = _mm512_cmp_ps_mask(_mm512_abs_ps(v), big_t, _CMP_GE_OQ); mask; mask &= mask - 1) {
+      big.push_back(base + k + static_cast<std::size_t>(__builtin_ctz(mask)));
+    }
     // max_ps returns its second operand (0) for NaN, as bin() does.
     const __m512 f = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(v, o), inv), zero), t);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(bins + k), _mm512_cvtepi32_epi16(_mm512_cvttps_epi32(f)));
@@ -914,6 +934,7 @@ PYQSHARE_AVX512 inline double pack_elements_avx512(const float* x, std::size_t n
   }
   double squares = _mm512_reduce_add_pd(_mm512_add_pd(sq0, sq1));
   for (; k < n; ++k) {
+    if (std::fabs(x[k]) >= big_threshold) big.push_back(base + k);
     float f = (x[k] - origin) * inv_width;
     f = f > 0.0f ? f : 0.0f;
     bins[k] = static_cast<uint16_t>(static_cast<int32_t>(std::min(f, top)));
@@ -927,7 +948,7 @@ PYQSHARE_AVX512 inline double pack_elements_avx512(const float* x, std::size_t n
 
 
 inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo, float hi, double abs_sum, Isa isa,
-                                  Prefetch& prefetch) {
+                                  Prefetch& prefetch, float big_threshold, std::vector<std::size_t>& big) {
   n = count_in;
   nbins = bin_count(n);
   origin = lo;
@@ -964,13 +985,14 @@ inline void HistogramGroup::build(const float* x, std::size_t count_in, float lo
     uint16_t* __restrict bins = bin_of.data() + k0;
 #ifdef PYQSHARE_QUANT_X86
     if (isa == Isa::kAvx512) {
-      squares += pack_elements_avx512(xb, m, o, inv, top, fix, bins, values);
+      squares += pack_elements_avx512(xb, m, o, inv, top, fix, bins, values, big_threshold, k0, big);
     } else if (isa != Isa::kPortable) {
-      squares += pack_elements_avx2(xb, m, o, inv, top, fix, bins, values);
+      squares += pack_elements_avx2(xb, m, o, inv, top, fix, bins, values, big_threshold, k0, big);
     } else
 #endif
     {
       for (std::size_t k = 0; k < m; ++k) {
+        if (std::fabs(xb[k]) >= big_threshold) big.push_back(k0 + k);
         float f = (xb[k] - o) * inv;  // as bin()
         f = f > 0.0f ? f : 0.0f;
         bins[k] = static_cast<uint16_t>(static_cast<int32_t>(std::min(f, top)));
@@ -1801,10 +1823,24 @@ PYQSHARE_AVX2 inline void indices_at_least_avx2(const float* x, std::size_t n, f
 }
 #endif
 
+// The elements largest_elements() considers: |x| at least half the largest |x| (m).
+inline float large_threshold(double m) { return static_cast<float>(0.5 * m); }
+
+// Keeps the kLanes largest |x| of the indices in `top` (ties: the lowest index).
+inline void keep_largest(const GroupData& g, std::vector<std::size_t>& top) {
+  if (top.size() > kLanes) {
+    std::nth_element(top.begin(), top.begin() + kLanes, top.end(), [&](std::size_t a, std::size_t b) {
+      const float fa = std::fabs(g.x[a]), fb = std::fabs(g.x[b]);
+      return fa > fb || (fa == fb && a < b);
+    });
+    top.resize(kLanes);
+  }
+}
+
 // Indices of up to kLanes largest |x| (any subset of elements gives a valid lower bound).
 inline void largest_elements(const GroupData& g, double m, Isa isa, std::vector<std::size_t>& top) {
   top.clear();
-  const float threshold = static_cast<float>(0.5 * m);
+  const float threshold = large_threshold(m);
 #ifdef PYQSHARE_QUANT_X86
   if (isa != Isa::kPortable) {
     indices_at_least_avx2(g.x, g.n, threshold, top);
@@ -1815,13 +1851,7 @@ inline void largest_elements(const GroupData& g, double m, Isa isa, std::vector<
       if (std::fabs(g.x[k]) >= threshold) top.push_back(k);
     }
   }
-  if (top.size() > kLanes) {
-    std::nth_element(top.begin(), top.begin() + kLanes, top.end(), [&](std::size_t a, std::size_t b) {
-      const float fa = std::fabs(g.x[a]), fb = std::fabs(g.x[b]);
-      return fa > fb || (fa == fb && a < b);
-    });
-    top.resize(kLanes);
-  }
+  keep_largest(g, top);
 }
 
 // Histogram bounds pay off when a group has many elements per cell (a cell: one code). (At most 2^20
@@ -1879,7 +1909,11 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   // objectives (screening bound, refinement hint).
   double weighted_sum_sq = st.weighted_sum_sq;
   if (histogram) {
-    sc.hist.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), st.abs_sum, isa, sc.prefetch);
+    sc.prefetch.to_l2 = true;
+    // The build also collects the largest elements (below): no separate pass over the group.
+    sc.top.clear();
+    sc.hist.build(g.x, g.n, static_cast<float>(st.xmin), static_cast<float>(st.xmax), st.abs_sum, isa, sc.prefetch,
+                  large_threshold(std::max(-st.xmin, st.xmax)), sc.top);
     weighted_sum_sq = sc.hist.sum_sq;
   } else if (!g.w && cfg.squared()) {
     weighted_sum_sq = sum_of_squares(g.x, g.n, isa);
@@ -1923,7 +1957,11 @@ inline GroupResult search_group_fast(const GroupData& g, const GroupStats& st, c
   {
     // Lower bound of every candidate: its exact error on the largest elements alone. Summation order
     // differs from the full sum, so a relative margin covers the rounding of both sums.
-    largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
+    if (histogram && sc.hist.valid) {
+      keep_largest(g, sc.top);
+    } else {
+      largest_elements(g, std::max(-st.xmin, st.xmax), isa, sc.top);
+    }
     for (std::size_t j = 0; j < sc.top.size(); ++j) {
       sc.top_x[j] = g.x[sc.top[j]];
       sc.top_w[j] = g.w ? g.w[sc.top[j]] : 1.0;
