@@ -120,6 +120,24 @@ K* radix_sort(K* keys, K* tmp, std::size_t n, std::uint32_t* idx, std::uint32_t*
   return src;
 }
 
+// Calls emit(value, weight) for each run of equal keys in sorted (ascending) whose weight is positive: the
+// run's length, or with wbuf the sum of its members' weights wbuf[sorted_idx[...]].
+template <class T, class K, class Emit>
+void for_each_distinct(const K* sorted, std::size_t n, const double* wbuf, const std::uint32_t* sorted_idx,
+                       Emit&& emit) {
+  for (std::size_t i = 0; i < n;) {
+    std::size_t j = i + 1;
+    while (j < n && sorted[j] == sorted[i]) ++j;
+    double weight = static_cast<double>(j - i);
+    if (wbuf) {
+      weight = 0;
+      for (std::size_t t = i; t < j; ++t) weight += wbuf[sorted_idx[t]];
+    }
+    if (weight > 0) emit(static_cast<double>(value_from_key<T>(sorted[i])), weight);
+    i = j;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Where one clustering's values live in the flat array: n_seg segments of seg_len contiguous elements,
 // seg_stride apart, starting at offset (an (outer, length, inner) view of a C-contiguous array).
@@ -216,21 +234,11 @@ Points sorted_points(const T* x, const Wt* weights, const RowGeometry& g) {
   P.v.resize(n);  // sized once, trimmed to the distinct values below (no regrowth)
   std::vector<double> w(n);
   std::size_t m = 0;
-  for (std::size_t i = 0; i < n;) {
-    std::size_t j = i + 1;
-    while (j < n && sorted[j] == sorted[i]) ++j;
-    double wt = static_cast<double>(j - i);
-    if (weights) {
-      wt = 0;
-      for (std::size_t t = i; t < j; ++t) wt += wbuf[sorted_idx[t]];
-    }
-    if (wt > 0) {
-      P.v[m] = static_cast<double>(value_from_key<T>(sorted[i]));
-      w[m] = wt;
-      ++m;
-    }
-    i = j;
-  }
+  for_each_distinct<T>(sorted, n, weights ? wbuf.data() : nullptr, sorted_idx, [&](double value, double weight) {
+    P.v[m] = value;
+    w[m] = weight;
+    ++m;
+  });
   P.v.resize(m);
   w.resize(m);
   finish_points(P, w);

@@ -387,23 +387,13 @@ void cluster_small_row(const T* x, const Wt* weights, L* labels, std::size_t n, 
   double* wpt = sc.wpt.data();
   std::size_t m = 0;
   double sw = 0, swv = 0;
-  for (std::size_t i = 0; i < n;) {
-    std::size_t j = i + 1;
-    while (j < n && sorted[j] == sorted[i]) ++j;
-    double wt = static_cast<double>(j - i);
-    if (weights) {
-      wt = 0;
-      for (std::size_t q = i; q < j; ++q) wt += sc.wbuf[sorted_idx[q]];
-    }
-    if (wt > 0) {
-      v[m] = static_cast<double>(value_from_key<T>(sorted[i]));
-      wpt[m] = wt;
-      sw += wt;
-      swv += wt * v[m];
-      ++m;
-    }
-    i = j;
-  }
+  for_each_distinct<T>(sorted, n, weights ? sc.wbuf.data() : nullptr, sorted_idx, [&](double value, double weight) {
+    v[m] = value;
+    wpt[m] = weight;
+    sw += weight;
+    swv += weight * value;
+    ++m;
+  });
   const double shift = m ? swv / sw : 0.0;
   double* W = sc.W.data();
   double* S1 = sc.S1.data();
