@@ -4,7 +4,9 @@ Conventions (../shared/CLI.md): ``--json`` puts exactly one JSON object on stdou
 stderr; exit status 0 on success, 2 for bad usage or input, 1 for a failure of the work itself.
 
 Each command module exposes ``configure(parser)`` (adds its flags) and ``run(args) -> dict`` (does the work
-and returns the report); ``module:function`` names another run function, for modules serving two commands. Modules are imported only when their command runs, so ``pyqshare --help`` is fast.
+and returns the report); ``module:function`` names another run function, for modules serving two commands.
+Modules are imported only when their command runs, so ``pyqshare --help`` is fast. A two-word name
+(``share analyze``) is a subcommand of a command group (``share``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 
 from pyqshare.errors import InputError
 
-# command name -> (module, one-line help), in the order of ../shared/CLI.md.
+# command name -> (module, one-line help), in the order of ../shared/CLI.md; "group leaf" for subcommands.
 COMMANDS: dict[str, tuple[str, str]] = {
     "int8": ("pyqshare.methods.baselines:run_int8", "baseline: per-tensor int8 weights, 8-bit activations"),
     "int4": ("pyqshare.methods.baselines:run_int4", "baseline: per-tensor int4 weights, 8-bit activations"),
@@ -35,13 +37,33 @@ def _build_parser(chosen: str | None) -> argparse.ArgumentParser:
     """All commands are listed; only the chosen one's module is imported to add its flags."""
     parser = argparse.ArgumentParser(prog="pyqshare", description="Get ONNX model families ready for QNN HTP.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
     for name, (module, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        group, _, leaf = name.rpartition(" ")
+        if group and group not in groups:
+            group_parser = sub.add_parser(group, help=f"{group} {{{', '.join(_leaves(group))}}}")
+            groups[group] = group_parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+        command = (groups[group] if group else sub).add_parser(leaf, help=help_text, description=help_text)
         command.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
         if name == chosen:
             importlib.import_module(module.partition(":")[0]).configure(command)
-        command.set_defaults(_module=module)
+        command.set_defaults(_module=module, _name=name)
     return parser
+
+
+def _leaves(group: str) -> list[str]:
+    return [name.rpartition(" ")[2] for name in COMMANDS if name.rpartition(" ")[0] == group]
+
+
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names (the first word that is a command, or a group followed by one of its
+    subcommands), or None."""
+    for index, word in enumerate(argv):
+        if word in COMMANDS:
+            return word
+        if index + 1 < len(argv) and f"{word} {argv[index + 1]}" in COMMANDS:
+            return f"{word} {argv[index + 1]}"
+    return None
 
 
 def _print_human(report: dict, indent: str = "") -> None:
@@ -57,16 +79,16 @@ def _print_human(report: dict, indent: str = "") -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _build_parser(next((word for word in argv if word in COMMANDS), None))
+    parser = _build_parser(_chosen_command(argv))
     args = parser.parse_args(argv)  # argparse exits with status 2 on bad usage
     try:
         module, _, function = args._module.partition(":")
         report = getattr(importlib.import_module(module), function or "run")(args)
     except InputError as error:
-        print(f"pyqshare {args.command}: {error}", file=sys.stderr)
+        print(f"pyqshare {args._name}: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # noqa: BLE001  (report the failure as exit status 1, not a traceback)
-        print(f"pyqshare {args.command}: failed: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"pyqshare {args._name}: failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     if args.json:
         json.dump(report, sys.stdout, default=str)
