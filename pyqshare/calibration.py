@@ -302,7 +302,8 @@ def _read_raw(where: str, raw: Path, spec: InputSpec, shape: tuple[int, ...]) ->
 
 
 def write_input_list(
-    samples: Sequence[Sample], folder: str | os.PathLike[str], *, list_name: str = "input_list.txt"
+    samples: Sequence[Sample], folder: str | os.PathLike[str], *, list_name: str = "input_list.txt",
+    file_prefix: str = "",
 ) -> Path:
     """Write samples as raw files plus a QNN input list (paths relative to ``folder``); returns the list's path.
 
@@ -316,6 +317,9 @@ def write_input_list(
         Output folder (created if needed).
     list_name
         File name of the input list inside ``folder``.
+    file_prefix
+        Prefix of the raw files' names, so that several models' lists can share one folder (qnn-net-run
+        reads relative paths from its working folder, one for all the lists it is given).
     """
     folder = Path(folder)
     lines = []
@@ -324,7 +328,7 @@ def write_input_list(
         for position, (name, array) in enumerate(sample.items()):
             if not name or any(char.isspace() for char in name) or ":=" in name:
                 raise InputError(f"input name {name!r} cannot appear in a QNN input list (spaces or ':=')")
-            raw_name = f"sample{index:04d}_input{position}_{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.raw"
+            raw_name = f"{file_prefix}sample{index:04d}_input{position}_{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.raw"
             atomic_write_bytes(folder / raw_name, np.ascontiguousarray(array).tobytes())
             entries.append(f"{name}:={raw_name}")
         lines.append(" ".join(entries) + "\n")

@@ -80,14 +80,26 @@ def native_stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def htp_provider_options(options: Mapping[str, object] | None = None) -> dict[str, str]:
-    """The HTP backend path and defaults, overridden by ``options`` (every key checked, values as strings)."""
-    merged = {"backend_path": _qnn_module().get_qnn_htp_path(), **DEFAULT_HTP_OPTIONS}
-    for key, value in (options or {}).items():
+def check_provider_options(options: Mapping[str, object]) -> dict[str, str]:
+    """``options`` with every key checked against :data:`KNOWN_PROVIDER_OPTIONS` and values as strings.
+
+    Needs no onnxruntime-qnn, so configurations for another machine can be validated here.
+
+    Parameters
+    ----------
+    options
+        QNN EP provider options, ``{key: value}``.
+    """
+    for key in options:
         if key not in KNOWN_PROVIDER_OPTIONS:
             raise InputError(f"unknown QNN provider option {key!r}; known: {', '.join(sorted(KNOWN_PROVIDER_OPTIONS))}")
-        merged[key] = str(value)
-    return merged
+    return {key: str(value) for key, value in options.items()}
+
+
+def htp_provider_options(options: Mapping[str, object] | None = None) -> dict[str, str]:
+    """The HTP backend path and defaults, overridden by ``options`` (every key checked, values as strings)."""
+    return {"backend_path": _qnn_module().get_qnn_htp_path(), **DEFAULT_HTP_OPTIONS,
+            **check_provider_options(options or {})}
 
 
 def htp_session_options(
