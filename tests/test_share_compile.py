@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import ml_dtypes
@@ -58,8 +59,9 @@ def _qdq_chain(path: Path, weights: list[tuple], width: int, *, tail: str | None
         inits += [numpy_helper.from_array(np.array(0.05, np.float32), f"act{index}_scale"),
                   numpy_helper.from_array(np.array(128, np.uint8), f"act{index}_zero")]
         out = "y" if index == len(weights) - 1 and tail is None else f"h{index + 1}"
-        nodes.append(helper.make_node("QuantizeLinear", [f"mm{index}", f"act{index}_scale", f"act{index}_zero"], [f"q{index}"]))
-        nodes.append(helper.make_node("DequantizeLinear", [f"q{index}", f"act{index}_scale", f"act{index}_zero"], [out]))
+        activation = [f"act{index}_scale", f"act{index}_zero"]
+        nodes.append(helper.make_node("QuantizeLinear", [f"mm{index}", *activation], [f"q{index}"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"q{index}", *activation], [out]))
         current = out
     if tail is not None:
         nodes.append(helper.make_node(tail, [current], ["y"]))
@@ -189,10 +191,9 @@ def test_inspection_of_several_inputs_and_outputs(tmp_path, require_qnn):
 
 def test_graph_blob_records():
     """Record 1 (V1, 40 B) then record 2 (V2, 72 B), as QAIRT 2.51 writes them; unknown versions give None."""
-    v1 = (1).to_bytes(4, "little") + bytes(4) + (4096).to_bytes(8, "little") + bytes(24)
+    v1 = struct.pack("<I4xQIIB7xQ", 1, 4096, 0, 0, 0, 0)
     fields = [256, 64, 0, 16384, 6400, 2109440, 0, 1052672]
-    v2 = (2).to_bytes(4, "little") + bytes(4) + b"".join(
-        value.to_bytes(4 if index == 2 else 8, "little") + (bytes(4) if index == 2 else b"") for index, value in enumerate(fields))
+    v2 = struct.pack("<I4xQQI4xQQQQQ", 2, *fields)
     memory = parse_graph_blob(v1 + v2)
     assert (memory.const_bytes, memory.shared_weights_bytes, memory.op_data_bytes, memory.io_tensor_bytes,
             memory.spill_fill_bytes) == (2109440, 1052672, 6400, 16384, 4096)

@@ -32,10 +32,9 @@ from pathlib import Path
 
 import onnx
 
-import pyqshare
 from pyqshare.errors import InputError
 from pyqshare.qnn.context_binary import ContextBinaryInfo, inspect_context_binary
-from pyqshare.qnn.ep import htp_provider_options, htp_session_options, native_stdout_to_stderr
+from pyqshare.qnn.ep import child_process_env, htp_provider_options, htp_session_options, native_stdout_to_stderr
 
 MAX_GRAPHS = 64
 """Graphs one context binary may hold to load on a device (QNN HTP's limit; the compiler does not check)."""
@@ -191,7 +190,9 @@ def _epcontext_graphs(context_model: Path) -> tuple[list[str], set[str]]:
     return graphs, binaries
 
 
-def _verify(staging: Path, outputs: Sequence[Path], models: Sequence[Path]) -> tuple[Path, tuple[tuple[str, ...], ...], ContextBinaryInfo]:
+def _verify(
+    staging: Path, outputs: Sequence[Path], models: Sequence[Path]
+) -> tuple[Path, tuple[tuple[str, ...], ...], ContextBinaryInfo]:
     """Check that the group produced one binary holding exactly its models' graphs, at most MAX_GRAPHS."""
     graphs_by_model, binaries = [], set()
     for output, model in zip(outputs, models, strict=True):
@@ -277,7 +278,7 @@ def compile_context(
                           allow_cpu_fallback=allow_cpu_fallback)
         try:
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
-                                  env=_child_env(), check=False)
+                                  env=child_process_env(), check=False)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"compiling {len(models)} model(s) took longer than {timeout:g} s") from None
         report = _child_report(done)
@@ -291,13 +292,6 @@ def compile_context(
         binary=placed[0], context_models=tuple(placed[1:]), graphs_by_model=graphs_by_model,
         info=dataclasses.replace(info, path=str(placed[0])),
     )
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    package_root = str(Path(pyqshare.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return env
 
 
 def _child_report(done: subprocess.CompletedProcess) -> dict:

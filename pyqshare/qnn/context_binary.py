@@ -59,9 +59,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyqshare
 from pyqshare.errors import InputError
-from pyqshare.qnn.ep import QnnUnavailableError, _qnn_module, native_stdout_to_stderr
+from pyqshare.qnn.ep import QnnUnavailableError, _qnn_module, child_process_env, native_stdout_to_stderr
 
 HEADER_BYTES = 4096
 """A context binary starts with a header of this size (its record table follows)."""
@@ -374,11 +373,8 @@ def inspect_context_binary(path: str | os.PathLike[str], *, timeout: float = 300
     """
     path = _checked_file(path)
     library = system_library_path()
-    env = dict(os.environ)
-    package_root = str(Path(pyqshare.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     try:
-        done = subprocess.run([sys.executable, "-P", "-c", _CHILD, str(library), str(path)], env=env,
+        done = subprocess.run([sys.executable, "-P", "-c", _CHILD, str(library), str(path)], env=child_process_env(),
                               stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"libQnnSystem did not finish reading {path} within {timeout:g} s") from None

@@ -292,7 +292,8 @@ def share_compile(
         raise RuntimeError(f"--require-full-offload: nodes would run on the CPU: {on_cpu} (see the lint with --dry-run)")
     graphs_needed = sum(placement.partitions for placement in placements)
     if graphs_needed > MAX_GRAPHS:
-        raise InputError(f"the family needs {graphs_needed} QNN graphs (partitions) in one context; devices load at most {MAX_GRAPHS}")
+        raise InputError(f"the family needs {graphs_needed} QNN graphs (partitions) in one context; "
+                         f"devices load at most {MAX_GRAPHS}")
 
     family = compile_family(prepared, root, provider_options, allow_cpu_fallback=not require_full_offload)
     report.update({
