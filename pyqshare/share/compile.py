@@ -274,8 +274,11 @@ def share_compile(
             raise RuntimeError("running the QNN SDK tools is not wired yet (it needs `pyqshare config`'s JSON configs): "
                                "use --dry-run to see the commands, or unset QNN_SDK_ROOT to compile with onnxruntime-qnn")
         lint = [{"model": str(path), **dataclasses.asdict(finding)} for path in paths for finding in lint_qdq_model(path)]
-        plan = ({"commands": [shlex.join(argv) for argv in sdk_commands(prepared, root, sdk_root)]} if sdk_root
-                else {"steps": _onnxruntime_steps(paths, prepared, root, require_full_offload)})
+        if sdk_root:
+            plan = {"commands": [shlex.join(argv) for argv in sdk_commands(prepared, root, sdk_root)]}
+        else:
+            steps = _onnxruntime_steps(paths, prepared, root, require_full_offload)
+            plan = {"steps": steps, "commands": [step["command"] for step in steps if "command" in step]}
         return {**report, "backend": backend, "dry_run": True, **plan, "lint": lint,
                 **({} if backend else {"note": 'no QNN backend: pip install "pyqshare[qnn]" or set QNN_SDK_ROOT'}),
                 "seconds": time.perf_counter() - started}
