@@ -127,7 +127,7 @@ def evaluate(
         **summarize_outputs(reference_outputs, candidate_outputs),
     }
     if qnn:
-        qnn_outputs = _run_on_htp(candidate_path, samples, output_names, provider_options)
+        qnn_outputs = run_on_htp(candidate_path, samples, output_names, provider_options)
         report["qnn"] = {
             **summarize_outputs(reference_outputs, qnn_outputs),
             "against_cpu_candidate": compare_outputs(candidate_outputs, qnn_outputs),
@@ -156,7 +156,25 @@ def _shapes_from_candidate(candidate, input_shapes: Mapping[str, Sequence[int]] 
     return shapes
 
 
-def _run_on_htp(path, samples: Sequence[Sample], output_names: Sequence[str], provider_options) -> list[Sample]:
+def run_on_htp(path, samples: Sequence[Sample], output_names: Sequence[str], provider_options=None) -> list[Sample]:
+    """Outputs of the model at ``path`` on the QNN HTP (simulator on x86) with CPU fallback disabled.
+
+    Parameters
+    ----------
+    path
+        A QDQ (or float) ONNX model with static shapes, or a compiled ``*_ctx.onnx``.
+    samples
+        ``{input name: array}`` per run.
+    output_names
+        Outputs to fetch.
+    provider_options
+        QNN EP provider options over pyqshare's defaults.
+
+    Raises
+    ------
+    RuntimeError
+        When a node would need the CPU.
+    """
     with native_stdout_to_stderr():
         try:
             session = create_htp_session(path, provider_options)

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import onnxruntime as ort
 
@@ -78,6 +79,15 @@ def native_stdout_to_stderr() -> Iterator[None]:
         ctypes.CDLL(None).fflush(None)
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def child_process_env() -> dict[str, str]:
+    """This process's environment with this pyqshare's folder first on PYTHONPATH, for ``python -P`` children
+    (compiles, probes) that must import the same package from any working folder."""
+    env = dict(os.environ)
+    package_root = os.fspath(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
 
 
 def check_provider_options(options: Mapping[str, object]) -> dict[str, str]:

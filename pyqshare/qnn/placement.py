@@ -41,9 +41,8 @@ from pathlib import Path
 
 import onnx
 
-import pyqshare
 from pyqshare.model import iter_nodes, load_model, name_nodes_uniquely, weight_sizes
-from pyqshare.qnn.ep import EP_NAME, QnnUnavailableError, htp_provider_options
+from pyqshare.qnn.ep import EP_NAME, QnnUnavailableError, child_process_env, htp_provider_options
 
 CPU_EP = "CPUExecutionProvider"
 PROVIDERS_MARKER = "pyqshare-probe providers:"
@@ -286,9 +285,7 @@ def placement_report(
     model = load_model(path)
     options = {key: str(value) for key, value in (provider_options or {}).items()}
     htp_provider_options(options)  # validate keys and find the backend here, not in the child
-    env = dict(os.environ)
-    package_root = str(Path(pyqshare.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env = child_process_env()
     with tempfile.TemporaryDirectory(prefix="pyqshare-placement-") as tmp:
         args = [str(path), json.dumps(options)]
         if name_nodes_uniquely(model):

@@ -1,0 +1,338 @@
+"""``pyqshare share compile``: build one weight-shared QNN context binary for a family of QDQ models, and
+measure it against each model compiled alone.
+
+With onnxruntime-qnn installed (``pyqshare[qnn]``), for 2 to 64 QDQ models:
+
+1. models with dynamic input dims are prepared first (:func:`pyqshare.prepare.prepare_model`: static
+   shapes, folded shape computations) into ``DIR/prepared/``;
+2. each model's QNN placement is measured (:func:`pyqshare.qnn.placement.placement_report`) and the model is
+   linted (:func:`pyqshare.qnn.lint.lint_qdq_model`); ``--require-full-offload`` stops here, with exit
+   status 1, when any node would run on the CPU;
+3. the family is compiled into ``DIR/shared/`` and each model alone into ``DIR/solo/<model>/``
+   (:func:`pyqshare.qnn.compile.compile_family`: each group in its own process, graph count verified);
+4. the binaries are inspected through libQnnSystem: graph names, per-graph memory and the shared-weights
+   pool, reported beside the pool predicted from the models' quantized weights
+   (:func:`predict_shared_bytes_from_qdq`);
+5. each model's solo context runs on the HTP simulator with CPU fallback disabled, on the seeded
+   evaluation inputs, and its outputs are compared with the QDQ model on onnxruntime's CPU provider.
+
+With ``QNN_SDK_ROOT`` set the QNN SDK tools are the backend instead (qnn-onnx-converter,
+qnn-model-lib-generator, qnn-context-binary-generator with ``--model a.so,b.so``): their command lines are
+built (:func:`sdk_commands`) and shown, but running them is not wired yet (they need the JSON configs that
+``pyqshare config`` writes, and no SDK was available to test them). With neither backend, or with
+``--dry-run``, nothing is compiled: the report lists exactly what would run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from pyqshare.calibration import default_inputs, run_model
+from pyqshare.errors import InputError
+from pyqshare.evaluate import run_on_htp, summarize_outputs
+from pyqshare.kernels import buffers_equal, tensor_digest
+from pyqshare.model import WEIGHT_MIN_ELEMENTS, iter_graphs, load_model
+from pyqshare.model.external import is_external, map_external, resolve_external
+from pyqshare.prepare import prepare_model
+from pyqshare.qnn.compile import MAX_GRAPHS, child_argv, compile_family, context_model_names
+from pyqshare.qnn.ep import qnn_available
+from pyqshare.qnn.lint import constant_tensors, lint_qdq_model
+from pyqshare.qnn.placement import placement_report
+from pyqshare.shapes import declared_dims, parse_input_shapes, runtime_inputs
+
+POOL_PAGE_BYTES = 4096
+"""Measured (QAIRT 2.51, HTP v73): the shared-weights pool holds each shared tensor plus one 4,096-byte page,
+and one page when nothing is shared."""
+
+PLACEMENT_KEYS = ("htp_nodes", "cpu_nodes", "partitions", "htp_weight_bytes", "cpu_weight_bytes")
+
+
+# --------------------------------------------------------------------------------- predicted sharing
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedPrediction:
+    """Quantized weights that identical bytes let QNN store once, across a family.
+
+    Attributes
+    ----------
+    shared_bytes : int
+        Bytes of every weight group found in two or more models, each counted once.
+    pool_bytes : int
+        The shared-weights pool this predicts (``shared_bytes`` plus :data:`POOL_PAGE_BYTES` per group,
+        at least one page), valid for weights whose shapes need no HTP tile padding.
+    groups : list[dict]
+        ``{"bytes", "members": [{"model": index, "tensor": name}, ...]}`` per shared group.
+    """
+
+    shared_bytes: int
+    pool_bytes: int
+    groups: list[dict]
+
+
+def _stored_bytes(tensor: onnx.TensorProto, model_dir: Path) -> memoryview | bytes:
+    """A tensor's data as stored (4-bit values packed two per byte), without copying when possible."""
+    if is_external(tensor):
+        return map_external(resolve_external(tensor, model_dir))
+    if tensor.HasField("raw_data"):
+        return memoryview(tensor.raw_data)
+    return numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data  # typed fields: re-encode
+
+
+def _quantized_weights(model: onnx.ModelProto, model_dir: Path) -> dict[str, tuple[tuple, memoryview | bytes]]:
+    """``name -> ((data type, shape), stored bytes)`` for every constant a DequantizeLinear reads that is a
+    weight (at least :data:`~pyqshare.model.WEIGHT_MIN_ELEMENTS` elements)."""
+    found = {}
+    for _, graph in iter_graphs(model):
+        constants = constant_tensors(graph)
+        for node in graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] in constants:
+                tensor = constants[node.input[0]]
+                if int(np.prod(tensor.dims)) >= WEIGHT_MIN_ELEMENTS:
+                    found[tensor.name] = ((tensor.data_type, tuple(tensor.dims)), _stored_bytes(tensor, model_dir))
+    return found
+
+
+def predict_shared_bytes_from_qdq(model_paths: Sequence[str | os.PathLike[str]]) -> SharedPrediction:
+    """Predict what a weight-shared context stores once: quantized weights with identical bytes, type and
+    shape in two or more models, whatever their names and scales (QNN shares by bytes).
+
+    Candidates are grouped by ``tensor_digest`` and confirmed byte by byte with ``buffers_equal``.
+
+    Parameters
+    ----------
+    model_paths : Sequence of paths
+        The family's QDQ models.
+
+    Returns
+    -------
+    SharedPrediction
+        Shared bytes, the predicted pool, and the shared groups.
+    """
+    groups: dict[tuple, list[dict]] = {}  # (type, shape, digest) -> [{"data", "members"}], split on mismatch
+    for index, path in enumerate(model_paths):
+        path = Path(path)
+        for name, (kind, data) in _quantized_weights(load_model(path), path.parent).items():
+            candidates = groups.setdefault((*kind, tensor_digest(data)), [])
+            group = next((group for group in candidates if buffers_equal(group["data"], data)), None)
+            if group is None:
+                candidates.append(group := {"data": data, "members": []})
+            group["members"].append({"model": index, "tensor": name})
+    shared = [
+        {"bytes": len(group["data"]), "members": group["members"]}
+        for candidates in groups.values() for group in candidates
+        if len({member["model"] for member in group["members"]}) > 1
+    ]
+    shared.sort(key=lambda group: -group["bytes"])
+    total = sum(group["bytes"] for group in shared)
+    return SharedPrediction(total, total + POOL_PAGE_BYTES * max(1, len(shared)), shared)
+
+
+# ------------------------------------------------------------------------------------------------ plans
+
+
+def sdk_commands(models: Sequence[Path], output_dir: Path, sdk_root: str) -> list[list[str]]:
+    """The QNN SDK command lines that build the shared and the solo context binaries (untested here: no SDK).
+
+    ``DIR/config/htp_backend_extensions.json`` (weight sharing on) and
+    ``DIR/config/solo/htp_backend_extensions.json`` are the configs ``pyqshare config`` writes.
+
+    Parameters
+    ----------
+    models : Sequence[Path]
+        The prepared QDQ models.
+    output_dir : Path
+        The output folder.
+    sdk_root : str
+        ``QNN_SDK_ROOT``.
+    """
+    tools, target = Path(sdk_root) / "bin" / "x86_64-linux-clang", "x86_64-linux-clang"
+    backend = Path(sdk_root) / "lib" / target / "libQnnHtp.so"
+    work = output_dir / "sdk"
+    stems = [name.removesuffix("_ctx.onnx") for name in context_model_names(models)]
+    commands, libraries = [], []
+    for model, stem in zip(models, stems, strict=True):
+        source = work / stem / f"{stem}.cpp"
+        commands.append([str(tools / "qnn-onnx-converter"), "--input_network", str(model), "--output_path", str(source)])
+        commands.append([str(tools / "qnn-model-lib-generator"), "-c", str(source), "-b", str(source.with_suffix(".bin")),
+                         "-o", str(work / "libs"), "-t", target])
+        libraries.append(str(work / "libs" / target / f"lib{stem}.so"))
+    generator = str(tools / "qnn-context-binary-generator")
+    commands.append([generator, "--model", ",".join(libraries), "--backend", str(backend), "--binary_file", "shared",
+                     "--output_dir", str(output_dir / "shared"),
+                     "--config_file", str(output_dir / "config" / "htp_backend_extensions.json")])
+    for library, stem in zip(libraries, stems, strict=True):
+        commands.append([generator, "--model", library, "--backend", str(backend), "--binary_file", stem,
+                         "--output_dir", str(output_dir / "solo" / stem),
+                         "--config_file", str(output_dir / "config" / "solo" / "htp_backend_extensions.json")])
+    return commands
+
+
+def _onnxruntime_steps(models: Sequence[Path], prepared: Sequence[Path], output_dir: Path,
+                       require_full_offload: bool) -> list[dict]:
+    """What an onnxruntime-qnn run does, step by step; compiles as the exact child command lines."""
+    steps: list[dict] = [{"step": "prepare", "model": str(model), "output": str(target)}
+                         for model, target in zip(models, prepared, strict=True) if model != target]
+    steps += [{"step": "placement and lint", "model": str(path)} for path in prepared]
+    names = context_model_names(prepared)
+    groups = [(prepared, output_dir / "shared", names)]
+    groups += [([path], output_dir / "solo" / name.removesuffix("_ctx.onnx"), [name])
+               for path, name in zip(prepared, names, strict=True)]
+    for paths, folder, outputs in groups:
+        argv = child_argv(paths, [folder / name for name in outputs], allow_cpu_fallback=not require_full_offload)
+        steps.append({"step": "compile", "output_dir": str(folder), "argv": argv, "command": shlex.join(argv)})
+    steps += [{"step": "inspect", "binary": str(output_dir / "shared")},
+              *({"step": "fidelity on the HTP simulator", "model": str(path)} for path in prepared)]
+    return steps
+
+
+# ------------------------------------------------------------------------------------------------- the run
+
+
+def _has_dynamic_inputs(model: onnx.ModelProto) -> bool:
+    return any(dims is None or not all(isinstance(dim, int) for dim in dims)
+               for dims in (declared_dims(value) for value in runtime_inputs(model.graph)))
+
+
+def _fidelity(model: Path, context_model: Path, provider_options: Mapping[str, object] | None) -> dict:
+    """The solo context on the HTP simulator (no CPU fallback) against the QDQ model on the CPU provider."""
+    samples = default_inputs(model, purpose="evaluation")
+    names = [output.name for output in load_model(model).graph.output]
+    reference = run_model(model, samples, names)
+    try:
+        htp = run_on_htp(context_model, samples, names, provider_options)
+    except RuntimeError as error:
+        return {"error": str(error)}
+    return {"inputs": f"random:{len(samples)}", **summarize_outputs(reference, htp)}
+
+
+def share_compile(
+    models: Sequence[str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    *,
+    require_full_offload: bool = False,
+    dry_run: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    provider_options: Mapping[str, object] | None = None,
+) -> dict:
+    """Compile a family of QDQ models into one weight-shared QNN context and report what it saves.
+
+    Parameters
+    ----------
+    models : Sequence of paths
+        2 to 64 QDQ ONNX models (pyqshare's methods write them).
+    output_dir : str or os.PathLike
+        Where prepared models, the shared context (``shared/``) and the solo contexts (``solo/<model>/``) go.
+    require_full_offload : bool
+        Fail (RuntimeError, exit status 1) when any node of any model would run on the CPU.
+    dry_run : bool
+        Only report what would run.
+    input_shapes : Mapping[str, Sequence[int]], optional
+        Static shapes for dynamic inputs (used when a model needs preparing).
+    provider_options : Mapping[str, object], optional
+        QNN provider options over pyqshare's defaults.
+
+    Returns
+    -------
+    dict
+        The keys of ../shared/CLI.md (``models``, ``graphs``, ``combined_bytes``, ``solo_bytes``,
+        ``predicted_shared_bytes``, ``measured_shared_bytes``, ``placement``) plus ``backend``,
+        ``predicted_shared_pool_bytes``, ``shared_groups``, ``graph_names``, ``memory``, ``lint``,
+        ``fidelity``, ``binary``, ``prepared`` and ``seconds``; with ``dry_run`` or no backend: ``backend``,
+        ``dry_run`` true, ``steps`` (onnxruntime-qnn) or ``commands`` (QNN SDK), the prediction and the lint.
+    """
+    started = time.perf_counter()
+    paths = [Path(model) for model in models]
+    if not 2 <= len(paths) <= MAX_GRAPHS:
+        raise InputError(f"share compile takes 2 to {MAX_GRAPHS} models, got {len(paths)}")
+    if len({path.resolve() for path in paths}) != len(paths):
+        raise InputError("a model is given twice")
+    loaded = [load_model(path) for path in paths]  # refuses missing, empty and hostile files first
+    root = Path(output_dir)
+    names = context_model_names(paths)
+    prepared = [root / "prepared" / name.replace("_ctx.onnx", ".onnx") if _has_dynamic_inputs(model) else path
+                for path, model, name in zip(paths, loaded, names, strict=True)]
+    prediction = predict_shared_bytes_from_qdq(paths)
+    report: dict = {"models": [str(path) for path in paths],
+                    "predicted_shared_bytes": prediction.shared_bytes,
+                    "predicted_shared_pool_bytes": prediction.pool_bytes,
+                    "shared_groups": prediction.groups}
+    sdk_root = os.environ.get("QNN_SDK_ROOT")
+    backend = "qnn-sdk" if sdk_root else "onnxruntime-qnn" if qnn_available() else None
+    if dry_run or backend != "onnxruntime-qnn":
+        if backend == "qnn-sdk" and not dry_run:
+            raise RuntimeError("running the QNN SDK tools is not wired yet (it needs `pyqshare config`'s JSON configs): "
+                               "use --dry-run to see the commands, or unset QNN_SDK_ROOT to compile with onnxruntime-qnn")
+        lint = [{"model": str(path), **dataclasses.asdict(finding)} for path in paths for finding in lint_qdq_model(path)]
+        if sdk_root:
+            plan = {"commands": [shlex.join(argv) for argv in sdk_commands(prepared, root, sdk_root)]}
+        else:
+            steps = _onnxruntime_steps(paths, prepared, root, require_full_offload)
+            plan = {"steps": steps, "commands": [step["command"] for step in steps if "command" in step]}
+        return {**report, "backend": backend, "dry_run": True, **plan, "lint": lint,
+                **({} if backend else {"note": 'no QNN backend: pip install "pyqshare[qnn]" or set QNN_SDK_ROOT'}),
+                "seconds": time.perf_counter() - started}
+
+    for path, target in zip(paths, prepared, strict=True):
+        if target != path:
+            prepare_model(path, target, input_shapes, placement="none", provider_options=provider_options)
+    placements = [placement_report(path, provider_options) for path in prepared]
+    lint = [{"model": str(path), **dataclasses.asdict(finding)}
+            for path, placement in zip(paths, placements, strict=True)
+            for finding in lint_qdq_model(path, placement)]
+    on_cpu = {str(path): placement.cpu_ops for path, placement in zip(paths, placements, strict=True) if placement.cpu_nodes}
+    if require_full_offload and on_cpu:
+        raise RuntimeError(f"--require-full-offload: nodes would run on the CPU: {on_cpu} (see the lint with --dry-run)")
+    graphs_needed = sum(placement.partitions for placement in placements)
+    if graphs_needed > MAX_GRAPHS:
+        raise InputError(f"the family needs {graphs_needed} QNN graphs (partitions) in one context; "
+                         f"devices load at most {MAX_GRAPHS}")
+
+    family = compile_family(prepared, root, provider_options, allow_cpu_fallback=not require_full_offload)
+    report.update({
+        "backend": backend,
+        "graphs": len(family.shared.info.graphs),
+        "combined_bytes": family.combined_bytes,
+        "solo_bytes": {str(path): solo.file_bytes for path, solo in zip(paths, family.solos, strict=True)},
+        "solo_total_bytes": sum(family.solo_bytes),
+        "measured_shared_bytes": family.shared_weights_bytes,
+        "binary": str(family.shared.binary),
+        "graph_names": {str(path): list(graphs) for path, graphs in zip(paths, family.shared.graphs_by_model, strict=True)},
+        "memory": {graph.name: dataclasses.asdict(graph.memory) for graph in family.shared.info.graphs if graph.memory},
+        "placement": {str(path): {key: getattr(placement, key) for key in PLACEMENT_KEYS}
+                      for path, placement in zip(paths, placements, strict=True)},
+        "lint": lint,
+        "fidelity": {str(path): _fidelity(model, solo.context_models[0], provider_options)
+                     for path, model, solo in zip(paths, prepared, family.solos, strict=True)},
+        "prepared": {str(path): str(target) for path, target in zip(paths, prepared, strict=True) if target != path},
+        "seconds": time.perf_counter() - started,
+    })
+    return report
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="*", metavar="MODEL", help="the family's QDQ ONNX models (2 to 64)")
+    parser.add_argument("--model-path", action="extend", nargs="+", default=[], metavar="MODEL",
+                        help="more models (the Guide's spelling; repeatable)")
+    parser.add_argument("--output-dir", required=True, help="where prepared models and the context binaries go")
+    parser.add_argument("--require-full-offload", action="store_true",
+                        help="fail (exit status 1) when any node would run on the CPU instead of the HTP")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run, compile nothing")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                        help="static shape of a dynamic input, for models that need preparing (repeatable)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    return share_compile([*args.models, *args.model_path], args.output_dir,
+                         require_full_offload=args.require_full_offload, dry_run=args.dry_run,
+                         input_shapes=parse_input_shapes(args.input_shape))
