@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "learned": ("pyqshare.methods.learned", "BatchNorm folding, bias correction, AdaRound learned rounding (no training framework)"),
     "prepare": ("pyqshare.prepare", "fix shapes, fold shape computations, report QNN HTP placement"),
     "evaluate": ("pyqshare.evaluate", "fidelity of a candidate model against a reference"),
+    "share harmonize": ("pyqshare.share.harmonize", "rewrite encodings so float-identical weights quantize to identical bytes; --snap-tolerance for fine-tunes"),
 }
 
 
