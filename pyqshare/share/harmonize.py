@@ -54,8 +54,8 @@ from pyqshare.model import WEIGHT_MIN_ELEMENTS, find_weights, iter_graphs, save_
 from pyqshare.model.graph import NameFactory
 from pyqshare.model.qdq import quantize_weight_in_place
 from pyqshare.share.quantized import (
-    FamilyModel, QuantizedWeight, encoding_fields, encoding_mismatches, float_identical_groups, load_family,
-    mean_squared_step, predict_sharing, quantize_with, same_bytes, storage_bits, _weight_dequantizers,
+    FamilyModel, QuantizedWeight, encoding_differences, encoding_fields, encoding_mismatches, float_identical_groups, load_family,
+    mean_squared_step, predict_sharing, same_bytes, same_layout, storage_bits, _weight_dequantizers,
 )
 
 __all__ = ["Change", "choose_reference", "configure", "harmonize", "run", "snap_to_base"]
@@ -117,7 +117,7 @@ class Change:
         old, new = encoding_fields(self.old), encoding_fields(self.new)
         entry = {"model": self.model, "tensor": self.tensor, "reason": self.reason, "bytes": self.new.nbytes,
                  "from": {"model": self.source[0], "tensor": self.source[1]},
-                 "fields": [key for key in old if old[key] != new[key]], "old": old, "new": new}
+                 "fields": encoding_differences(self.old, self.new), "old": old, "new": new}
         if self.differing_elements is not None:
             entry["differing_elements"] = self.differing_elements
             entry["differing_fraction"] = self.differing_elements / max(1, self.new.codes.size)
@@ -154,7 +154,8 @@ def harmonize(
     -------
     dict
         ``{"models", "outputs", "float_evidence", "before", "after" (predictions, the after one read back
-        from the written files), "mismatches", "changes", "snap" (with a tolerance), "fidelity"}``.
+        from the written files), "mismatches", "changes", "snap" (with a tolerance), "fidelity"}``; entries
+        name models by their index in ``models`` (a model may be given twice, with two encodings files).
 
     Raises
     ------
@@ -183,18 +184,18 @@ def harmonize(
         staged = [Path(scratch) / path.name for path in outputs]
         for member, weights, path in zip(family, state, staged):
             _write_member(member, weights, path)
-        fidelity = {}
+        fidelity = []
         for index in sorted(changed):
             stages = {"harmonized": harmonized[index]} if any(s.model == index for s in snaps) else {}
-            fidelity[os.fspath(family[index].path)] = _fidelity(family[index], staged[index], stages, Path(scratch))
+            fidelity.append({"model": index, **_fidelity(family[index], staged[index], stages, Path(scratch))})
         for source, target in zip(staged, outputs):
             for suffix in ("", ".encodings"):
                 os.replace(_sidecar_of(source, suffix), _sidecar_of(target, suffix))
 
     report = {
         "models": [os.fspath(member.path) for member in family],
-        "outputs": {os.fspath(member.path): {"model": os.fspath(path), "encodings": os.fspath(_sidecar_of(path, ".encodings"))}
-                    for member, path in zip(family, outputs)},
+        "outputs": [{"model": os.fspath(path), "encodings": os.fspath(_sidecar_of(path, ".encodings"))}
+                    for path in outputs],
         "float_evidence": evidence,
         "before": predict_sharing(family).to_dict(),
         "after": predict_sharing(load_family(outputs, min_elements=min_elements)).to_dict(),
@@ -295,7 +296,7 @@ def snap_to_base(family: Sequence[FamilyModel], state: State, tolerance: float) 
     for m in range(1, len(family)):
         for name, weight in list(state[m].items()):
             target = base.get(name)
-            if target is None or weight.codes.size < family[m].min_elements or not _same_layout(weight, target):
+            if target is None or weight.codes.size < family[m].min_elements or not same_layout(weight, target):
                 continue
             if same_bytes(weight, target):
                 continue
@@ -305,12 +306,6 @@ def snap_to_base(family: Sequence[FamilyModel], state: State, tolerance: float) 
                 state[m][name] = _adopt(weight, target)
                 changes.append(Change(m, name, "snap", weight, state[m][name], (0, name), differing))
     return changes
-
-
-def _same_layout(a: QuantizedWeight, b: QuantizedWeight) -> bool:
-    ea, eb = a.encoding, b.encoding
-    return (a.shape == b.shape and a.elem_type == b.elem_type and ea.kind == eb.kind and ea.axis == eb.axis
-            and ea.block_axis == eb.block_axis and ea.block_size == eb.block_size and ea.bitwidth == eb.bitwidth)
 
 
 def _codes_off_base(weight: QuantizedWeight, base: QuantizedWeight) -> int | None:
@@ -433,19 +428,20 @@ def _min_sqnr(entry: Mapping) -> float:
     return float(entry.get("min_sqnr_db_nonfinite", "nan"))
 
 
-def _snap_report(family: Sequence[FamilyModel], snaps: Sequence[Change], fidelity: Mapping, tolerance: float) -> dict:
-    per_model = {}
-    for index, member in enumerate(family[1:], start=1):
+def _snap_report(family: Sequence[FamilyModel], snaps: Sequence[Change], fidelity: Sequence[dict],
+                 tolerance: float) -> dict:
+    per_model = []
+    for index in range(1, len(family)):
         mine = [change for change in snaps if change.model == index]
-        entry = {"tensors": len(mine), "bytes_gained": sum(change.new.nbytes for change in mine)}
-        figures = fidelity.get(os.fspath(member.path), {})
+        entry = {"model": index, "tensors": len(mine), "bytes_gained": sum(change.new.nbytes for change in mine)}
+        figures = next((f for f in fidelity if f["model"] == index), {})
         if mine and "harmonized" in figures:
             before, after = _min_sqnr(figures["harmonized"]), _min_sqnr(figures["after"])
             cost = before - after
             entry["sqnr_cost_db"] = cost if math.isfinite(cost) else None
             entry["min_sqnr_db"] = {"harmonized": figures["harmonized"].get("min_sqnr_db"),
                                     "snapped": figures["after"].get("min_sqnr_db")}
-        per_model[os.fspath(member.path)] = entry
-    return {"tolerance": tolerance, "base": os.fspath(family[0].path), "models": per_model,
-            "bytes_gained": sum(entry["bytes_gained"] for entry in per_model.values())}
+        per_model.append(entry)
+    return {"tolerance": tolerance, "base": 0, "models": per_model,
+            "bytes_gained": sum(entry["bytes_gained"] for entry in per_model)}
 

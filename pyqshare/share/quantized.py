@@ -13,11 +13,14 @@ A family member is either
 Float identity, needed to tell which weights *could* share: from the float weights when they are known (float
 inputs, or ``float_models`` given beside QDQ models: same weight name and shape), compared exactly
 (:func:`identical_float_groups`). When some weight's float values are unknown (QDQ models alone), the family
-falls back to the dequantized weights: two weights of one shape count as float-identical when every element
-pair could be the nearest rounding of one float value, ``|dequantized_a - dequantized_b| <= (step_a +
-step_b) / 2``. That inference cannot tell a float-identical weight from one changed by less than half a
-quantization step, and misses codes rounded otherwise than to nearest (GPTQ): pass the float models when
-they exist. The report says which evidence was used.
+falls back to the dequantized weights: two weights of one shape *and different layouts* (code type,
+granularity, axes, block size) count as float-identical when every element pair could be the nearest
+rounding of one float value, ``|dequantized_a - dequantized_b| <= (step_a + step_b) / 2``; two weights of
+one layout only when they store the same bytes under the same scales. A layout difference explains a code
+difference; within one layout, differing codes may be a fine-tune's small change, which only
+``--snap-tolerance`` may override. The inference misses codes rounded otherwise than to nearest (GPTQ) and
+cannot tell a float-identical weight from one changed by less than half a step under another layout: pass
+the float models when they exist. The report says which evidence was used.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ __all__ = [
     "identical_float_groups",
     "load_family",
     "predict_sharing",
+    "same_bytes",
+    "same_layout",
 ]
 
 _CODE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorProto.UINT8: 8,
@@ -504,30 +509,39 @@ def float_identical_groups(models: Sequence[FamilyModel]) -> tuple[list[list[tup
 
 
 def _roundable_groups(weights: Sequence[QuantizedWeight]) -> list[list[int]]:
-    """Groups of weights whose dequantized values could all round from one float tensor (module docstring).
+    """Groups of weights whose codes could all come from one float tensor (module docstring).
 
-    Each weight joins the first group (of its shape) whose first member it is consistent with; a sum test,
-    implied by the element-wise one, discards most candidates before any element-wise comparison.
+    Each weight joins the first group (of its shape) whose first member it is consistent with.
     """
     groups: list[list[int]] = []
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    values = [(w.dequantized(), w.step() / 2) for w in weights]
-    sums = [(float(v.sum()), float(h.sum())) for v, h in values]
+    intervals = [_float_interval(w) for w in weights]
     for index, weight in enumerate(weights):
-        value, half = values[index]
+        low, high = intervals[index]
         for group in by_shape.setdefault(weight.shape, []):
             first = groups[group][0]
-            if abs(sums[index][0] - sums[first][0]) > (sums[index][1] + sums[first][1]) * (1 + 1e-6):
-                continue
-            other_value, other_half = values[first]
-            # A relative slack for float64 rounding of products that are exact in real arithmetic.
-            if np.all(np.abs(value - other_value) <= (half + other_half) * (1 + 1e-6)):
+            if same_layout(weight, weights[first]):
+                consistent = same_bytes(weight, weights[first]) and np.array_equal(weight.step(), weights[first].step())
+            else:
+                other_low, other_high = intervals[first]
+                consistent = bool(np.all(np.maximum(low, other_low) <= np.minimum(high, other_high)))
+            if consistent:
                 groups[group].append(index)
                 break
         else:
             by_shape[weight.shape].append(len(groups))
             groups.append([index])
     return groups
+
+
+def _float_interval(weight: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """The float values each element's code can stand for under round-to-nearest with saturation: half a
+    step either side, unbounded beyond the type's extreme codes (a clipped value lies anywhere past them).
+    A relative slack of 1e-6 covers float64 rounding of products exact in real arithmetic."""
+    value, half = weight.dequantized(), weight.step() * (0.5 + 1e-6)
+    lowest, highest = QUANTIZED_TYPES[weight.elem_type]
+    codes = weight.codes.astype(np.int64)
+    return (np.where(codes == lowest, -np.inf, value - half), np.where(codes == highest, np.inf, value + half))
 
 
 # --------------------------------------------------------------------------------------------------- mismatches
@@ -574,6 +588,19 @@ def encoding_differences(a: QuantizedWeight, b: QuantizedWeight) -> list[str]:
     if not differ and not same_bytes(a, b):
         differ.append("codes")
     return differ
+
+
+def same_layout(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    """Whether two weights have one shape, code type, granularity, bit width, axes and block size.
+
+    Parameters
+    ----------
+    a, b : QuantizedWeight
+        The weights.
+    """
+    ea, eb = a.encoding, b.encoding
+    return (a.shape == b.shape and a.elem_type == b.elem_type and ea.kind == eb.kind and ea.axis == eb.axis
+            and ea.block_axis == eb.block_axis and ea.block_size == eb.block_size and ea.bitwidth == eb.bitwidth)
 
 
 def same_bytes(a: QuantizedWeight, b: QuantizedWeight) -> bool:
