@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from pyqshare.encodings import read_encodings, write_encodings
 from pyqshare.errors import InputError
 from pyqshare.model import load_model, save_model
 from pyqshare.share.harmonize import harmonize
@@ -107,8 +108,7 @@ def test_float_identity_inferred_without_float_models(family, tmp_path):
     members = load_family([family["per_channel_nearest"], family["per_tensor_nearest"]])
     groups, evidence = float_identical_groups(members)
     assert evidence == "dequantized"
-    assert {group[0][1] for group in encoding_mismatches(members, groups) for group in [
-        [(m["model"], m["tensor"]) for m in group["members"]]]} == {"w1", "w2"}
+    assert {entry["members"][0]["tensor"] for entry in encoding_mismatches(members, groups)} == {"w1", "w2"}
     report = harmonize([family["per_channel_nearest"], family["per_tensor_nearest"]], tmp_path / "out")
     assert {(c["model"], c["tensor"]) for c in report["changes"]} == {(1, "w1"), (1, "w2")}
     [fidelity] = report["fidelity"]
@@ -127,10 +127,10 @@ def test_float_model_with_aimet_encodings_equals_the_qdq_route(family, tmp_path)
         for name, weight in qdq_member.weights.items():
             assert weight.codes.dtype == float_member.weights[name].codes.dtype
             np.testing.assert_array_equal(weight.codes, float_member.weights[name].codes)
-    assert predict_sharing(by_qdq).to_dict() | {"models": None} == predict_sharing(by_float).to_dict() | {"models": None}
+    ignore_paths = {"models": None}
+    assert predict_sharing(by_qdq).to_dict() | ignore_paths == predict_sharing(by_float).to_dict() | ignore_paths
     # An encodings file in the 0.6.1 format says the same.
     legacy = tmp_path / "legacy.encodings"
-    from pyqshare.encodings import read_encodings, write_encodings
     write_encodings(legacy, read_encodings(encodings[0]), "0.6.1")
     [legacy_member] = load_family([family["float"]], encodings=[legacy])
     np.testing.assert_array_equal(legacy_member.weights["w1"].codes, by_qdq[0].weights["w1"].codes)
@@ -190,11 +190,14 @@ def _bad_cases(family, tmp_path) -> dict[str, tuple[list, dict]]:
     }
 
 
-@pytest.mark.parametrize("case", ["malformed", "alien", "channels", "disagreeing", "no encodings"])
-def test_bad_inputs_raise_input_error_and_write_nothing(family, tmp_path, run_cli, case):
+@pytest.mark.parametrize(("case", "message"), [
+    ("malformed", "not valid JSON"), ("alien", "names no float weight"), ("channels", "does not fit the weight"),
+    ("disagreeing", "differs from"), ("no encodings", "needs an AIMET encodings file"),
+])
+def test_bad_inputs_raise_input_error_and_write_nothing(family, tmp_path, run_cli, case, message):
     models, options = _bad_cases(family, tmp_path)[case]
     out = tmp_path / "out"
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=message):
         harmonize(models, out, **options)
     assert not out.exists()
     flags = ["--encodings", *options["encodings"]] if "encodings" in options else []

@@ -54,8 +54,8 @@ from pyqshare.model import WEIGHT_MIN_ELEMENTS, find_weights, iter_graphs, save_
 from pyqshare.model.graph import NameFactory
 from pyqshare.model.qdq import quantize_weight_in_place
 from pyqshare.share.quantized import (
-    FamilyModel, QuantizedWeight, encoding_differences, encoding_fields, encoding_mismatches, float_identical_groups, load_family,
-    mean_squared_step, predict_sharing, same_bytes, same_layout, storage_bits, _weight_dequantizers,
+    FamilyModel, QuantizedWeight, _weight_dequantizers, encoding_differences, encoding_fields, encoding_mismatches,
+    float_identical_groups, load_family, mean_squared_step, predict_sharing, same_bytes, same_layout, storage_bits,
 )
 
 __all__ = ["Change", "choose_reference", "configure", "harmonize", "run", "snap_to_base"]
@@ -164,7 +164,7 @@ def harmonize(
         outside [0, 1], or an output that would overwrite an input. Nothing is written then.
     """
     if len(models) < 2:
-        raise InputError(f"share harmonize: needs at least two models, got {len(models)}")
+        raise InputError(f"needs at least two models, got {len(models)}")
     if snap_tolerance is not None and not 0.0 <= snap_tolerance <= 1.0:
         raise InputError(f"--snap-tolerance: must lie in [0, 1], got {snap_tolerance}")
     family = load_family(models, float_models=float_models, encodings=encodings, min_elements=min_elements)
@@ -224,7 +224,9 @@ def _output_paths(family: Sequence[FamilyModel], output_dir: Path, other_inputs:
 
 
 def _sidecar_of(path: Path, suffix: str) -> Path:
-    return path if not suffix else path.with_suffix(suffix) if path.suffix == ".onnx" else path.with_name(path.name + suffix)
+    if not suffix:
+        return path
+    return path.with_suffix(suffix) if path.suffix == ".onnx" else path.with_name(path.name + suffix)
 
 
 # ----------------------------------------------------------------------------------------------------- choosing
@@ -351,7 +353,8 @@ def _rewrite_qdq(model: onnx.ModelProto, changed: Mapping[str, QuantizedWeight])
             continue
         qdq = weight.encoding.to_qdq(weight.shape)
         old_scale = _initializer(graph, node.input[1])
-        scale = np.asarray(qdq.scale, dtype=numpy_helper.to_array(old_scale).dtype if old_scale is not None else np.float32)
+        scale_type = numpy_helper.to_array(old_scale).dtype if old_scale is not None else np.float32
+        scale = np.asarray(qdq.scale, dtype=scale_type)  # the scale's type is DequantizeLinear's output type
         _set_initializer(graph, node.input[0], weight.codes)
         while len(node.input) < 3:
             node.input.append("")

@@ -313,7 +313,7 @@ def _check_agrees(encodings_path: Path, model_path: Path, written: Encodings, ow
         if name not in own.params:
             raise InputError(f"{encodings_path}: param {name!r} is not quantized in {model_path}")
         actual = own.params[name]
-        if replace(entry, axis=actual.axis, block_axis=actual.block_axis) != actual:
+        if entry.kind != actual.kind or replace(entry, axis=actual.axis, block_axis=actual.block_axis) != actual:
             raise InputError(f"{encodings_path}: param {name!r} differs from {model_path}'s own quantization "
                              "parameters (not this model's encodings?)")
 
@@ -449,8 +449,9 @@ def predict_sharing(models: Sequence[FamilyModel]) -> SharingPrediction:
     """Predict what one weight-shared context binary of ``models`` holds: identical stored bytes are shared.
 
     Quantized weights count their codes (what QNN stores), float weights their float bytes. Tensors below
-    the weight size (../shared/CLI.md) are not counted. Two tensors of one model with one content count once
-    in the combined binary and twice in the solo figure only if they are separate tensors (as stored).
+    the weight size (../shared/CLI.md) are not counted. Two tensors of one model with the same content count
+    twice in its solo figure (stored twice) and once in the combined one: whether QNN also merges copies
+    within one graph is for the compiled binary to tell.
 
     Parameters
     ----------
