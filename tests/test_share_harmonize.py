@@ -216,3 +216,31 @@ def test_outputs_never_overwrite_inputs(family, tmp_path):
     with pytest.raises(InputError, match="overwrite"):
         harmonize(models, tmp_path)
     assert [path.read_bytes() for path in models] == before
+
+
+def test_minilm_fine_tune_snaps_its_top_layer(minilm_onnx, run_method, tmp_path):
+    """A real fine-tune: MiniLM with 2% of layer 5's MatMul weights moved by 0.3 of an int8 step."""
+    model = load_model(minilm_onnx, load_weights=True)
+    matrices = [t for t in model.graph.initializer if t.name.startswith("onnx::MatMul") and len(t.dims) == 2]
+    rng = np.random.default_rng(0)
+    for tensor in matrices[-6:]:  # six per layer, in layer order
+        values = numpy_helper.to_array(tensor).copy()
+        moved = rng.random(values.shape) < 0.02
+        step = np.abs(values).max(axis=0, keepdims=True) / 127
+        values[moved] += (0.3 * step * rng.choice([-1, 1], values.shape))[moved]
+        tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    tuned = save_model(model, tmp_path / "tuned.onnx")[0]
+    quantized = [tmp_path / "base_q.onnx", tmp_path / "tuned_q.onnx"]
+    for source, target in zip([minilm_onnx, tuned], quantized):
+        run_method("per-channel", source, target, "--optimization-level", "1")
+    floats = [minilm_onnx, tuned]
+    exact = harmonize(quantized, tmp_path / "exact", float_models=floats, snap_tolerance=0.0)
+    assert exact["changes"] == [] and exact["snap"]["bytes_gained"] == 0
+    snapped = harmonize(quantized, tmp_path / "snap", float_models=floats, snap_tolerance=0.01)
+    layer5 = {tensor.name for tensor in matrices[-6:]}
+    assert {c["tensor"] for c in snapped["changes"]} == layer5
+    [entry] = snapped["snap"]["models"]
+    assert entry["bytes_gained"] == sum(int(np.prod(t.dims)) for t in matrices[-6:])  # int8 codes
+    before, after = snapped["before"], snapped["after"]
+    assert after["predicted_combined_bytes"] == before["predicted_combined_bytes"] - entry["bytes_gained"]
+    assert abs(entry["sqnr_cost_db"]) < 0.5

@@ -55,7 +55,8 @@ from pyqshare.model.graph import NameFactory
 from pyqshare.model.qdq import quantize_weight_in_place
 from pyqshare.share.quantized import (
     FamilyModel, QuantizedWeight, _weight_dequantizers, encoding_differences, encoding_fields, encoding_mismatches,
-    float_identical_groups, load_family, mean_squared_step, predict_sharing, same_bytes, same_layout, storage_bits,
+    float_identical_groups, load_family, mean_squared_step, predict_sharing, quantize_with, same_bytes, same_layout,
+    storage_bits,
 )
 
 __all__ = ["Change", "choose_reference", "configure", "harmonize", "run", "snap_to_base"]
@@ -314,12 +315,13 @@ def _codes_off_base(weight: QuantizedWeight, base: QuantizedWeight) -> int | Non
     """How many of ``weight``'s elements sit on another code of the base's grid than the base's own codes;
     None when one sits more than one code away."""
     if replace(weight.encoding, name=base.name) == base.encoding:
-        codes = weight.codes.astype(np.int64)
+        codes = weight.codes
     else:
+        # Rounded and saturated as QNN's converter would store it under the base's encoding: where the base
+        # clips, its own float lies beyond its range too.
         values = weight.float_values if weight.float_values is not None else weight.dequantized()
-        # Unsaturated: a value beyond the base's range is as far away as it is, not clipped onto its edge.
-        codes = np.rint(np.asarray(values, np.float64) / base.step()) + base.zero_points()
-    difference = np.abs(codes - base.codes.astype(np.int64))
+        codes, _ = quantize_with(np.ascontiguousarray(values, np.float32), base.encoding, base.name)
+    difference = np.abs(codes.astype(np.int64) - base.codes.astype(np.int64))
     return int(np.count_nonzero(difference)) if difference.max(initial=0) <= 1 else None
 
 
