@@ -1098,7 +1098,7 @@ def _constant_value(node: onnx.NodeProto) -> TensorProto:
     raise InputError(f"Constant node {node.name!r}: no numeric value (sparse and string constants are not scales)")
 
 
-def _param_name(quantized: str, dequantized: str) -> str:
+def param_name(quantized: str, dequantized: str) -> str:
     """The float weight's name for a DequantizeLinear from constant ``quantized`` to ``dequantized``."""
     stem = quantized.removesuffix("_quantized")
     return stem if stem and stem != quantized else dequantized
@@ -1130,7 +1130,7 @@ def _node_encoding(node: onnx.NodeProto, index: _ModelIndex) -> tuple[str, Tenso
         exported = [out for out in index.dequantized.get(node.output[0], []) if out in index.graph_outputs]
         section, name = "activations", exported[0] if exported else x
     elif x in index.constants:
-        section, name = "params", _param_name(x, node.output[0])
+        section, name = "params", param_name(x, node.output[0])
     else:
         section, name = "activations", node.output[0]
     try:

@@ -110,7 +110,8 @@ def test_exact_copies_share_one_pool(notes_family):
     assert len(set(solo)) == 1 and 2 * MIB < solo[0] < 2 * MIB + 128 * 1024
     saved = sum(solo) - report["combined_bytes"]
     assert abs(saved - 2 * MIB) < 64 * 1024, saved
-    assert report["shared_groups"] == [{"bytes": MIB, "members": [{"model": i, "tensor": "shared"} for i in range(3)]}]
+    assert report["shared_groups"] == [{"bytes": MIB, "dtype": "int8", "shape": [1024, 1024],
+                                        "members": [{"model": i, "tensor": "shared_dq"} for i in range(3)]}]
 
 
 def test_compile_report_placement_fidelity_and_graph_names(notes_family):
@@ -146,7 +147,7 @@ def test_renamed_copies_with_other_scales_share(tmp_path, require_qnn):
                                 for i in range(2)], 512)
     prediction = predict_shared_bytes_from_qdq(models)
     assert prediction.shared_bytes == 512 * 1024
-    assert [member["tensor"] for member in prediction.groups[0]["members"]] == ["w_model0", "w_model1"]
+    assert [member["tensor"] for member in prediction.groups[0]["members"]] == ["w_model0_dq", "w_model1_dq"]
     family = compile_family(models, tmp_path / "out")
     assert len(family.shared.info.graphs) == 2
     assert _within_one_percent(prediction.shared_bytes, family.shared_weights_bytes)

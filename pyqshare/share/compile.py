@@ -33,22 +33,19 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from pyqshare.calibration import default_inputs, run_model
 from pyqshare.errors import InputError
 from pyqshare.evaluate import run_on_htp, summarize_outputs
-from pyqshare.kernels import buffers_equal, tensor_digest
-from pyqshare.model import WEIGHT_MIN_ELEMENTS, iter_graphs, load_model
-from pyqshare.model.external import is_external, map_external, resolve_external
+from pyqshare.model import load_model
 from pyqshare.prepare import prepare_model
 from pyqshare.qnn.compile import MAX_GRAPHS, child_argv, compile_family, context_model_names
 from pyqshare.qnn.ep import qnn_available
-from pyqshare.qnn.lint import constant_tensors, lint_qdq_model
+from pyqshare.qnn.lint import lint_qdq_model
 from pyqshare.qnn.placement import placement_report
 from pyqshare.shapes import declared_dims, parse_input_shapes, runtime_inputs
+from pyqshare.share.quantized import load_family, predict_sharing
 
 POOL_PAGE_BYTES = 4096
 """Measured (QAIRT 2.51, HTP v73): the shared-weights pool holds each shared tensor plus one 4,096-byte page,
@@ -80,34 +77,10 @@ class SharedPrediction:
     groups: list[dict]
 
 
-def _stored_bytes(tensor: onnx.TensorProto, model_dir: Path) -> memoryview | bytes:
-    """A tensor's data as stored (4-bit values packed two per byte), without copying when possible."""
-    if is_external(tensor):
-        return map_external(resolve_external(tensor, model_dir))
-    if tensor.HasField("raw_data"):
-        return memoryview(tensor.raw_data)
-    return numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data  # typed fields: re-encode
-
-
-def _quantized_weights(model: onnx.ModelProto, model_dir: Path) -> dict[str, tuple[tuple, memoryview | bytes]]:
-    """``name -> ((data type, shape), stored bytes)`` for every constant a DequantizeLinear reads that is a
-    weight (at least :data:`~pyqshare.model.WEIGHT_MIN_ELEMENTS` elements)."""
-    found = {}
-    for _, graph in iter_graphs(model):
-        constants = constant_tensors(graph)
-        for node in graph.node:
-            if node.op_type == "DequantizeLinear" and node.input[0] in constants:
-                tensor = constants[node.input[0]]
-                if int(np.prod(tensor.dims)) >= WEIGHT_MIN_ELEMENTS:
-                    found[tensor.name] = ((tensor.data_type, tuple(tensor.dims)), _stored_bytes(tensor, model_dir))
-    return found
-
-
 def predict_shared_bytes_from_qdq(model_paths: Sequence[str | os.PathLike[str]]) -> SharedPrediction:
     """Predict what a weight-shared context stores once: quantized weights with identical bytes, type and
-    shape in two or more models, whatever their names and scales (QNN shares by bytes).
-
-    Candidates are grouped by ``tensor_digest`` and confirmed byte by byte with ``buffers_equal``.
+    shape in two or more models, whatever their names and scales (QNN shares by bytes; the grouping is
+    :func:`pyqshare.share.quantized.predict_sharing`'s).
 
     Parameters
     ----------
@@ -119,23 +92,11 @@ def predict_shared_bytes_from_qdq(model_paths: Sequence[str | os.PathLike[str]])
     SharedPrediction
         Shared bytes, the predicted pool, and the shared groups.
     """
-    groups: dict[tuple, list[dict]] = {}  # (type, shape, digest) -> [{"data", "members"}], split on mismatch
-    for index, path in enumerate(model_paths):
-        path = Path(path)
-        for name, (kind, data) in _quantized_weights(load_model(path), path.parent).items():
-            candidates = groups.setdefault((*kind, tensor_digest(data)), [])
-            group = next((group for group in candidates if buffers_equal(group["data"], data)), None)
-            if group is None:
-                candidates.append(group := {"data": data, "members": []})
-            group["members"].append({"model": index, "tensor": name})
-    shared = [
-        {"bytes": len(group["data"]), "members": group["members"]}
-        for candidates in groups.values() for group in candidates
-        if len({member["model"] for member in group["members"]}) > 1
-    ]
+    prediction = predict_sharing(load_family(model_paths))
+    shared = [group for group in prediction.groups if len({member["model"] for member in group["members"]}) > 1]
     shared.sort(key=lambda group: -group["bytes"])
-    total = sum(group["bytes"] for group in shared)
-    return SharedPrediction(total, total + POOL_PAGE_BYTES * max(1, len(shared)), shared)
+    return SharedPrediction(prediction.shared_bytes,
+                            prediction.shared_bytes + POOL_PAGE_BYTES * max(1, len(shared)), shared)
 
 
 # ------------------------------------------------------------------------------------------------ plans
