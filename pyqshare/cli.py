@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "learned": ("pyqshare.methods.learned", "BatchNorm folding, bias correction, AdaRound learned rounding (no training framework)"),
     "prepare": ("pyqshare.prepare", "fix shapes, fold shape computations, report QNN HTP placement"),
     "evaluate": ("pyqshare.evaluate", "fidelity of a candidate model against a reference"),
+    "share analyze": ("pyqshare.share.analyze", "what a model family shares by content: identical, re-laid-out, near-identical weights"),
 }
 
 
