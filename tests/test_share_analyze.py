@@ -13,6 +13,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -75,7 +76,8 @@ def lstm_model(path: Path, w: np.ndarray, r: np.ndarray, b: np.ndarray) -> Path:
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], *, header_override: bytes | None = None) -> Path:
     """The format by hand: little-endian u64 header length, JSON header, then the data, back to back."""
-    codes = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int64): "I64"}
+    codes = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
+             np.dtype(np.int64): "I64"}
     header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
     for name, value in tensors.items():
         blob = np.ascontiguousarray(value).tobytes()
@@ -122,8 +124,8 @@ def counts(identical=0, relaid=0, near_identical=0, different=0, unmatched_a=0, 
 
 
 def noisy(value: np.ndarray, relative: float) -> np.ndarray:
-    noise = RNG.standard_normal(value.shape) * relative * np.sqrt(np.mean(value.astype(np.float64) ** 2))
-    return (value + noise).astype(value.dtype)
+    wide = value.astype(np.float64)
+    return (wide + RNG.standard_normal(value.shape) * relative * np.sqrt(np.mean(wide**2))).astype(value.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- a mixed family
@@ -336,8 +338,9 @@ def test_near_duplicates_are_confirmed_only_for_candidates(tmp_path, monkeypatch
     assert 2 <= len(calls) <= 20
 
 
-def test_near_duplicates_of_half_precision_values(tmp_path):
-    w = RNG.standard_normal((64, 64)).astype(np.float16)
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_near_duplicates_of_half_precision_values(tmp_path, dtype):
+    w = RNG.standard_normal((64, 64)).astype(dtype)
     a = write_safetensors(tmp_path / "a.safetensors", {"w": w})
     b = write_safetensors(tmp_path / "b.safetensors", {"w": noisy(w, 0.01)})
     found = analyze([a, b])["pairs"][0]["matches"][0]
