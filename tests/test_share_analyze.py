@@ -558,3 +558,14 @@ def test_a_missing_model_and_a_non_model_are_refused(sandbox):
     empty_dir.mkdir()
     refused(folder, good, empty_dir, "empty folder")
     shutil.rmtree(empty_dir)
+
+
+def test_tar_with_a_repeated_member_name_is_refused(sandbox):
+    folder, good = sandbox
+    path = folder / "twice.bin"
+    with tarfile.open(path, "w") as tar:
+        for payload in (b"\x00" * 256, b"\x01" * 256):  # extraction would keep the second one silently
+            info = tarfile.TarInfo("w.raw")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    refused(folder, good, path, "appears twice")
