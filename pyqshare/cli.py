@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "learned": ("pyqshare.methods.learned", "BatchNorm folding, bias correction, AdaRound learned rounding (no training framework)"),
     "prepare": ("pyqshare.prepare", "fix shapes, fold shape computations, report QNN HTP placement"),
     "evaluate": ("pyqshare.evaluate", "fidelity of a candidate model against a reference"),
+    "share analyze": ("pyqshare.share.analyze", "what a model family shares by content: identical, re-laid-out, near-identical weights"),
     "share harmonize": ("pyqshare.share.harmonize", "rewrite encodings so float-identical weights quantize to identical bytes; --snap-tolerance for fine-tunes"),
     "share compile": ("pyqshare.share.compile", "compile a family into one weight-shared QNN context binary and measure it"),
     "config": ("pyqshare.qnn.config", "QNN HTP JSON configs, ORT options, SDK command lines, input lists"),
