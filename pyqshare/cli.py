@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -70,15 +71,31 @@ def _chosen_command(argv: Sequence[str]) -> str | None:
     return None
 
 
+_TABLE_ROWS = 64  # longer lists of records print as a count
+
+
 def _print_human(report: dict, indent: str = "") -> None:
     for key, value in report.items():
         if isinstance(value, dict):
             print(f"{indent}{key}:")
             _print_human(value, indent + "  ")
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
-            print(f"{indent}{key}: {len(value)} entries (use --json for all)")
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            _print_records(key, value, indent)
         else:
             print(f"{indent}{key}: {value}")
+
+
+def _print_records(key: str, records: list[dict], indent: str) -> None:
+    """A short list of records as a table of their scalar fields (nested ones are in --json)."""
+    columns = [c for c in records[0] if not isinstance(records[0][c], (dict, list))]
+    if len(records) > _TABLE_ROWS or not columns:
+        print(f"{indent}{key}: {len(records)} entries (use --json for all)")
+        return
+    print(f"{indent}{key}:")
+    rows = [[str(record.get(column, "")) for column in columns] for record in records]
+    widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(columns)]
+    for row in [columns, *rows]:
+        print(indent + "  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,9 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001  (report the failure as exit status 1, not a traceback)
         print(f"pyqshare {args._name}: failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
-    if args.json:
-        json.dump(report, sys.stdout, default=str)
-        sys.stdout.write("\n")
-    else:
-        _print_human(report)
+    try:
+        if args.json:
+            json.dump(report, sys.stdout, default=str)
+            sys.stdout.write("\n")
+        else:
+            _print_human(report)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader (e.g. `| head`) stopped early: not a failure of the work
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
