@@ -69,3 +69,13 @@ def test_readme_example_runs(capsys):
     exec(compile(example, "README.md", "exec"), {})
     printed = capsys.readouterr().out.split()
     assert printed[:2] == ["(512,", "16)"] and printed[2] == "uint8"
+
+
+def test_human_output_prints_short_record_lists_as_tables(capsys):
+    from pyqshare import cli
+
+    cli._print_human({"pairs": [{"a": 0, "b": 1, "identical": 95, "matches": [1]}], "groups": [{"x": 1}] * 65})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "pairs:"
+    assert lines[1].split() == ["a", "b", "identical"] and lines[2].split() == ["0", "1", "95"]
+    assert lines[3] == "groups: 65 entries (use --json for all)"
