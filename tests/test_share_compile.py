@@ -240,6 +240,22 @@ def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, run_cli):
         assert all(step["argv"][:3] == [step["argv"][0], "-P", "-c"] for step in compiles)
 
 
+def test_the_sdk_route_plans_config_commands_and_names_a_missing_tool(tmp_path, monkeypatch):
+    """With QNN_SDK_ROOT set the SDK tools are the backend: the dry run lists the host commands that
+    ``pyqshare config`` writes, and a real run refuses an SDK folder without the tools, before writing anything."""
+    from pyqshare.share.compile import share_compile
+
+    models = _family(tmp_path / "models", [[("w", _codes(1, (256, 256)), 0.001)]] * 2, 256)
+    monkeypatch.setenv("QNN_SDK_ROOT", str(tmp_path / "sdk"))
+    plan = share_compile(models, tmp_path / "out", require_full_offload=False, dry_run=True)
+    assert plan["backend"] == "qnn-sdk" and plan["dry_run"] is True
+    generator = next(command for command in plan["commands"] if "qnn-context-binary-generator" in command)
+    assert "build/libs/x86_64-linux-clang/libm0.so,build/libs/x86_64-linux-clang/libm1.so" in generator
+    with pytest.raises(InputError, match="qnn-onnx-converter"):
+        share_compile(models, tmp_path / "out", require_full_offload=False, dry_run=False)
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------------ lint
 
 

@@ -17,10 +17,10 @@ With onnxruntime-qnn installed (``pyqshare[qnn]``), for 2 to 64 QDQ models:
    evaluation inputs, and its outputs are compared with the QDQ model on onnxruntime's CPU provider.
 
 With ``QNN_SDK_ROOT`` set the QNN SDK tools are the backend instead (qnn-onnx-converter,
-qnn-model-lib-generator, qnn-context-binary-generator with ``--model a.so,b.so``): their command lines are
-built (:func:`sdk_commands`) and shown, but running them is not wired yet (they need the JSON configs that
-``pyqshare config`` writes, and no SDK was available to test them). With neither backend, or with
-``--dry-run``, nothing is compiled: the report lists exactly what would run.
+qnn-model-lib-generator, qnn-context-binary-generator with ``--model a.so,b.so``): ``pyqshare config`` writes
+their configs and command lines, which run in order (:func:`run_sdk`; untested here, where no SDK exists: a
+missing tool is refused by name before anything runs). With neither backend, or with ``--dry-run``, nothing
+is compiled: the report lists exactly what would run.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import os
 import shlex
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ from pyqshare.evaluate import run_on_htp, summarize_outputs
 from pyqshare.model import load_model
 from pyqshare.prepare import prepare_model
 from pyqshare.qnn.compile import MAX_GRAPHS, child_argv, compile_family, context_model_names
+from pyqshare.qnn.config import COMBINED_BINARY, SDK_ROOT, graph_names, sdk_commands, write_config
+from pyqshare.qnn.context_binary import inspect_context_binary
 from pyqshare.qnn.ep import qnn_available
 from pyqshare.qnn.lint import lint_qdq_model
 from pyqshare.qnn.placement import placement_report
@@ -102,11 +105,10 @@ def predict_shared_bytes_from_qdq(model_paths: Sequence[str | os.PathLike[str]])
 # ------------------------------------------------------------------------------------------------ plans
 
 
-def sdk_commands(models: Sequence[Path], output_dir: Path, sdk_root: str) -> list[list[str]]:
-    """The QNN SDK command lines that build the shared and the solo context binaries (untested here: no SDK).
-
-    ``DIR/config/htp_backend_extensions.json`` (weight sharing on) and
-    ``DIR/config/solo/htp_backend_extensions.json`` are the configs ``pyqshare config`` writes.
+def run_sdk(models: Sequence[Path], output_dir: Path, sdk_root: str) -> dict:
+    """Build the weight-shared context binary with the QNN SDK tools: ``pyqshare config`` writes the configs and
+    the host command lines into ``DIR/sdk`` (:func:`pyqshare.qnn.config.write_config`), which then run in order.
+    Untested here (no SDK on this machine): a missing tool is reported by name before anything runs.
 
     Parameters
     ----------
@@ -116,27 +118,35 @@ def sdk_commands(models: Sequence[Path], output_dir: Path, sdk_root: str) -> lis
         The output folder.
     sdk_root : str
         ``QNN_SDK_ROOT``.
+
+    Returns
+    -------
+    dict
+        ``binary`` (the combined context binary), ``info`` (its inspection) and ``commands`` (as run).
     """
-    tools, target = Path(sdk_root) / "bin" / "x86_64-linux-clang", "x86_64-linux-clang"
-    backend = Path(sdk_root) / "lib" / target / "libQnnHtp.so"
-    work = output_dir / "sdk"
-    stems = [name.removesuffix("_ctx.onnx") for name in context_model_names(models)]
-    commands, libraries = [], []
-    for model, stem in zip(models, stems, strict=True):
-        source = work / stem / f"{stem}.cpp"
-        commands.append([str(tools / "qnn-onnx-converter"), "--input_network", str(model), "--output_path", str(source)])
-        commands.append([str(tools / "qnn-model-lib-generator"), "-c", str(source), "-b", str(source.with_suffix(".bin")),
-                         "-o", str(work / "libs"), "-t", target])
-        libraries.append(str(work / "libs" / target / f"lib{stem}.so"))
-    generator = str(tools / "qnn-context-binary-generator")
-    commands.append([generator, "--model", ",".join(libraries), "--backend", str(backend), "--binary_file", "shared",
-                     "--output_dir", str(output_dir / "shared"),
-                     "--config_file", str(output_dir / "config" / "htp_backend_extensions.json")])
-    for library, stem in zip(libraries, stems, strict=True):
-        commands.append([generator, "--model", library, "--backend", str(backend), "--binary_file", stem,
-                         "--output_dir", str(output_dir / "solo" / stem),
-                         "--config_file", str(output_dir / "config" / "solo" / "htp_backend_extensions.json")])
-    return commands
+    def host_steps(commands: Sequence[Mapping]) -> list[tuple[str, str, list[str]]]:
+        return [(command["step"], command["cwd"], [word.replace(SDK_ROOT, sdk_root) for word in command["argv"]])
+                for command in commands if command["where"] == "host"]
+
+    names = graph_names(models)
+    missing = sorted({argv[0] for _, _, argv in host_steps(sdk_commands(models, names, names))
+                      if not Path(argv[0]).is_file()})
+    if missing:
+        raise InputError(f"QNN_SDK_ROOT={sdk_root}: no {', '.join(missing)}")
+    folder = output_dir / "sdk"
+    host = host_steps(write_config(models, folder)["commands"])
+    (folder / "build").mkdir(exist_ok=True)
+    for step, cwd, argv in host:
+        done = subprocess.run(argv, cwd=folder / cwd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{step} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    binary = folder / "context" / f"{COMBINED_BINARY}.bin"
+    return {"binary": str(binary), "info": inspect_context_binary(binary).to_dict(),
+            "commands": [shlex.join(argv) for _, _, argv in host]}
+
+
+def _lint(paths: Sequence[Path]) -> list[dict]:
+    return [{"model": str(path), **dataclasses.asdict(finding)} for path in paths for finding in lint_qdq_model(path)]
 
 
 def _onnxruntime_steps(models: Sequence[Path], prepared: Sequence[Path], output_dir: Path,
@@ -230,13 +240,17 @@ def share_compile(
                     "shared_groups": prediction.groups}
     sdk_root = os.environ.get("QNN_SDK_ROOT")
     backend = "qnn-sdk" if sdk_root else "onnxruntime-qnn" if qnn_available() else None
+    if backend == "qnn-sdk" and not dry_run:
+        if prepared != paths:
+            raise InputError("the QNN SDK route takes prepared models (static shapes): run `pyqshare prepare` first")
+        return {**report, "backend": backend, "lint": _lint(paths), **run_sdk(paths, root, sdk_root),
+                "seconds": time.perf_counter() - started}
     if dry_run or backend != "onnxruntime-qnn":
-        if backend == "qnn-sdk" and not dry_run:
-            raise RuntimeError("running the QNN SDK tools is not wired yet (it needs `pyqshare config`'s JSON configs): "
-                               "use --dry-run to see the commands, or unset QNN_SDK_ROOT to compile with onnxruntime-qnn")
-        lint = [{"model": str(path), **dataclasses.asdict(finding)} for path in paths for finding in lint_qdq_model(path)]
+        lint = _lint(paths)
         if sdk_root:
-            plan = {"commands": [shlex.join(argv) for argv in sdk_commands(prepared, root, sdk_root)]}
+            names = graph_names(prepared)
+            plan = {"commands": [shlex.join(word.replace(SDK_ROOT, sdk_root) for word in command["argv"])
+                                 for command in sdk_commands(prepared, names, names) if command["where"] == "host"]}
         else:
             steps = _onnxruntime_steps(paths, prepared, root, require_full_offload)
             plan = {"steps": steps, "commands": [step["command"] for step in steps if "command" in step]}
