@@ -569,3 +569,25 @@ def test_tar_with_a_repeated_member_name_is_refused(sandbox):
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     refused(folder, good, path, "appears twice")
+
+
+def test_quantized_view_lists_float_identical_weights_whose_encodings_differ(tmp_path, run_method, run_cli):
+    """``--quantized``: the same float MLP per channel and per tensor shares only its small identical tensors,
+    and w1/w2 are listed with the encoding fields that differ."""
+    from pyqshare.zoo import synthetic_mlp
+
+    source = synthetic_mlp(tmp_path / "mlp.onnx")
+    run_method("per-channel", source, tmp_path / "a.onnx", "--optimization-level", "1", "--input-shape", "x=1,16,32")
+    run_method("per-channel", source, tmp_path / "b.onnx", "--optimization-level", "1", "--input-shape", "x=1,16,32",
+               "--weight-method", "per-tensor")
+    done = run_cli("share", "analyze", tmp_path / "a.onnx", tmp_path / "b.onnx", "--quantized",
+                   "--float-models", source, source, "--json")
+    assert done.returncode == 0, done.stderr
+    view = json.loads(done.stdout)["quantized"]
+    assert view["float_evidence"] == "float"
+    differs = {mismatch["members"][0]["tensor"]: set(mismatch["differs"]) for mismatch in view["mismatches"]}
+    assert differs == {"w1": {"granularity", "axis", "scale"}, "w2": {"granularity", "axis", "scale"}}
+    prediction = view["prediction"]
+    assert prediction["shared_bytes"] < prediction["total_bytes"] / 4
+    refused = run_cli("share", "analyze", tmp_path / "a.onnx", tmp_path / "b.onnx", "--float-models", source, source)
+    assert refused.returncode == 2 and "--quantized" in refused.stderr

@@ -58,6 +58,7 @@ import numpy as np
 from pyqshare.errors import InputError
 from pyqshare.kernels.hashing import buffers_equal, tensor_digest
 from pyqshare.model import WEIGHT_MIN_ELEMENTS
+from pyqshare.share.quantized import load_family, quantized_view
 from pyqshare.share.sources import GateLayout, SourceTensor, open_model
 
 __all__ = ["MAX_MODELS", "analyze", "configure", "run"]
@@ -480,6 +481,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="cosine similarity at or above which tensors are near-identical (default 0.99)")
     parser.add_argument("--min-elements", type=int, default=WEIGHT_MIN_ELEMENTS, metavar="N",
                         help=f"smallest tensor analysed, in elements (default {WEIGHT_MIN_ELEMENTS})")
+    parser.add_argument("--quantized", action="store_true",
+                        help="also predict sharing as QNN decides it, from quantized bytes: the models are QDQ "
+                        "models, or float models with --encodings; lists float-identical weights whose encodings "
+                        "differ")
+    parser.add_argument("--float-models", nargs="+", metavar="F",
+                        help="with --quantized: the float model of each QDQ model, in order (exact float identity)")
+    parser.add_argument("--encodings", nargs="+", metavar="E",
+                        help="with --quantized: an AIMET encodings file per model (default: OUT.encodings beside it)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -488,6 +497,15 @@ def run(args: argparse.Namespace) -> dict:
     Parameters
     ----------
     args
-        ``models``, ``model_path``, ``near_threshold`` and ``min_elements`` as :func:`configure` defines them.
+        ``models``, ``model_path``, ``near_threshold``, ``min_elements``, ``quantized``, ``float_models`` and
+        ``encodings`` as :func:`configure` defines them.
     """
-    return analyze([*args.models, *args.model_path], near_threshold=args.near_threshold, min_elements=args.min_elements)
+    models = [*args.models, *args.model_path]
+    if (args.float_models or args.encodings) and not args.quantized:
+        raise InputError("--float-models and --encodings belong to --quantized")
+    report = analyze(models, near_threshold=args.near_threshold, min_elements=args.min_elements)
+    if args.quantized:
+        family = load_family(models, float_models=args.float_models, encodings=args.encodings,
+                             min_elements=args.min_elements)
+        report["quantized"] = quantized_view(family)
+    return report

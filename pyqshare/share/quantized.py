@@ -485,6 +485,26 @@ def _stored(member: FamilyModel) -> Iterator[tuple[str, np.ndarray, int]]:
         yield name, values, values.nbytes
 
 
+def quantized_view(models: Sequence[FamilyModel]) -> dict:
+    """Sharing as QNN decides it, for ``share analyze --quantized``: the prediction from stored bytes and every
+    float-identical group whose encodings differ.
+
+    Parameters
+    ----------
+    models : sequence of FamilyModel
+        As :func:`load_family` returns them.
+
+    Returns
+    -------
+    dict
+        ``prediction`` (:meth:`SharingPrediction.to_dict`), ``float_evidence`` and ``mismatches``
+        (:func:`encoding_mismatches`).
+    """
+    groups, evidence = float_identical_groups(models)
+    return {"prediction": predict_sharing(models).to_dict(), "float_evidence": evidence,
+            "mismatches": encoding_mismatches(models, groups)}
+
+
 def float_identical_groups(models: Sequence[FamilyModel]) -> tuple[list[list[tuple[int, str]]], str]:
     """Groups of quantized weights whose float weights are identical, across and within models.
 
