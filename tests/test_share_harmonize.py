@@ -244,3 +244,37 @@ def test_minilm_fine_tune_snaps_its_top_layer(minilm_onnx, run_method, tmp_path)
     before, after = snapped["before"], snapped["after"]
     assert after["predicted_combined_bytes"] == before["predicted_combined_bytes"] - entry["bytes_gained"]
     assert abs(entry["sqnr_cost_db"]) < 0.5
+
+
+@pytest.mark.parametrize("min_elements", ["64", "1"])  # the small bias left alone, or harmonized itself
+def test_harmonized_conv_keeps_its_int32_bias_at_input_scale_times_weight_scale(tmp_path, run_method, run_cli,
+                                                                                 min_elements):
+    """QNN's bias rule survives harmonize: a Conv whose weight changes scale gets its int32 bias requantized to
+    input scale x new weight scale, and the model still computes the same thing."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from pyqshare.calibration import default_inputs, run_model
+    from pyqshare.evaluate import summarize_outputs
+    from pyqshare.zoo import synthetic_cnn
+
+    source = synthetic_cnn(tmp_path / "cnn.onnx")
+    flags = ("--optimization-level", "1", "--input-shape", "x=1,3,16,16")
+    run_method("per-channel", source, tmp_path / "a.onnx", *flags)
+    run_method("per-channel", source, tmp_path / "b.onnx", *flags, "--weight-method", "per-tensor")
+    done = run_cli("share", "harmonize", tmp_path / "a.onnx", tmp_path / "b.onnx", "--float-models", source, source,
+                   "--min-elements", min_elements, "--output-dir", tmp_path / "out", "--json")
+    assert done.returncode == 0, done.stderr
+    model = onnx.load(tmp_path / "out" / "b.onnx")
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    conv = next(node for node in model.graph.node if node.op_type == "Conv" and len(node.input) > 2)
+    input_scale = inits[producers[conv.input[0]].input[1]]
+    weight_scale = inits[producers[conv.input[1]].input[1]]
+    bias_scale = inits[producers[conv.input[2]].input[1]]
+    assert weight_scale.size > 1  # b took a's per-channel grid
+    np.testing.assert_allclose(bias_scale, input_scale * weight_scale, rtol=1e-6)
+    samples = default_inputs(model, purpose="evaluation")
+    reference = run_model(source, samples)
+    assert summarize_outputs(reference, run_model(tmp_path / "out" / "b.onnx", samples))["min_sqnr_db"] > 20

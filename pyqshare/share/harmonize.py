@@ -349,12 +349,15 @@ def _rewrite_qdq(model: onnx.ModelProto, changed: Mapping[str, QuantizedWeight])
         return
     names = NameFactory(model)
     readers = Counter(name for _, graph in iter_graphs(model) for node in graph.node for name in node.input)
+    rescaled: dict[str, tuple[onnx.GraphProto, np.ndarray, np.ndarray]] = {}  # DQ output -> (graph, old, new scale)
     for _, graph, node in list(weight_dequantizers(model)):
         weight = changed.get(param_name(node.input[0], node.output[0]))
         if weight is None:
             continue
         qdq = weight.encoding.to_qdq(weight.shape)
         old_scale = _initializer(graph, node.input[1])
+        if old_scale is not None:
+            rescaled[node.output[0]] = (graph, numpy_helper.to_array(old_scale).ravel(), np.ravel(qdq.scale))
         scale_type = numpy_helper.to_array(old_scale).dtype if old_scale is not None else np.float32
         scale = np.asarray(qdq.scale, dtype=scale_type)  # the scale's type is DequantizeLinear's output type
         _set_initializer(graph, node.input[0], weight.codes)
@@ -373,6 +376,46 @@ def _rewrite_qdq(model: onnx.ModelProto, changed: Mapping[str, QuantizedWeight])
             node.attribute.append(helper.make_attribute("axis", qdq.axis))
         if qdq.block_size is not None:
             node.attribute.append(helper.make_attribute("block_size", qdq.block_size))
+    _rescale_int32_biases(rescaled, changed)
+
+
+def _rescale_int32_biases(
+    rescaled: Mapping[str, tuple[onnx.GraphProto, np.ndarray, np.ndarray]], changed: Mapping[str, QuantizedWeight]
+) -> None:
+    """Keep QNN's bias rule (int32 bias scale = input scale x weight scale) for every Gemm/Conv/ConvTranspose
+    whose weight changed scale: the bias takes scale ``old_bias_scale * new / old`` per output entry and is
+    requantized to it. (A grouped ConvTranspose's weight has O/g scales for O bias entries: tiled.) A bias
+    harmonized itself (``changed``) already holds its reference's codes and scale."""
+    for graph in {id(graph): graph for graph, _, _ in rescaled.values()}.values():
+        producers = {output: node for node in graph.node for output in node.output}
+        for node in graph.node:
+            if node.op_type not in ("Gemm", "Conv", "ConvTranspose") or len(node.input) < 3:
+                continue
+            change, bias_dq = rescaled.get(node.input[1]), producers.get(node.input[2])
+            if change is None or bias_dq is None or bias_dq.op_type != "DequantizeLinear":
+                continue
+            if param_name(bias_dq.input[0], bias_dq.output[0]) in changed:
+                continue
+            codes, bias_scale = _initializer(graph, bias_dq.input[0]), _initializer(graph, bias_dq.input[1])
+            if codes is None or bias_scale is None or codes.data_type != onnx.TensorProto.INT32:
+                continue
+            _, old, new = change
+            values = numpy_helper.to_array(codes).astype(np.float64)
+            scale = numpy_helper.to_array(bias_scale)
+            ratio = new.astype(np.float64) / old.astype(np.float64)  # one of them may be per tensor
+            if ratio.size > 1:
+                ratio = np.tile(ratio, values.size // ratio.size)
+            new_scale = (scale.astype(np.float64) * ratio).astype(scale.dtype)
+            new_scale = new_scale.reshape(()) if new_scale.size == 1 else new_scale.ravel()
+            new_codes = np.clip(np.rint(values * scale / new_scale), -(2**31), 2**31 - 1).astype(np.int32)
+            _set_initializer(graph, bias_dq.input[0], new_codes)
+            _set_initializer(graph, bias_dq.input[1], new_scale)
+            if new_scale.ndim:
+                if len(bias_dq.input) > 2 and bias_dq.input[2]:  # zero points take the scale's shape
+                    _set_initializer(graph, bias_dq.input[2], np.zeros(new_scale.shape, np.int32))
+                kept = [a for a in bias_dq.attribute if a.name != "axis"]
+                del bias_dq.attribute[:]
+                bias_dq.attribute.extend([*kept, helper.make_attribute("axis", 0)])
 
 
 def _initializer(graph: onnx.GraphProto, name: str) -> onnx.TensorProto | None:
