@@ -21,6 +21,31 @@ qnn-model-lib-generator, qnn-context-binary-generator with ``--model a.so,b.so``
 their configs and command lines, which run in order (:func:`run_sdk`; untested here, where no SDK exists: a
 missing tool is refused by name before anything runs). With neither backend, or with ``--dry-run``, nothing
 is compiled: the report lists exactly what would run.
+
+Storage rules, measured with onnxruntime-qnn 2.7.0 (QAIRT 2.51, HTP v73) through the binaries' per-graph
+``const``/``sharedWeights`` sizes, solo against shared compiles of synthetic graphs and of MiniLM cut into
+pieces:
+
+1. The shared-weights pool packs the shared tensors one after another: their bytes rounded down to whole
+   pages of 4,096 B, plus one page (:func:`pool_bytes`; four 9,216-byte weights take 10 pages, not 12; one
+   page when nothing is shared). Per-channel scales and offsets are not in it.
+2. A graph's own constant memory holds its private tensors the same way plus a page or two of its own
+   (:data:`GRAPH_OWN_PAGES` beside the packed tensors for plain weights; per-channel weights add about a page
+   each).
+3. The HTP compiler makes constants of its own, shared like any other when identical. With 16-bit
+   activations, ``Add(bias, x)`` with the constant *first* (as PyTorch exports ``bias + x @ W``; MiniLM's 36
+   biases) is not fused into the MatMul: the bias is stored broadcast over the rows, ``rows x channels x 2``
+   bytes for 512 to 3,072 channels, but only a quarter (384 channels) or a half (768) of that at 128 rows
+   (the compiler's tiling choice); ``Add(x, bias)`` costs nothing. A scalar ``Mul`` constant takes about 7
+   pages.
+4. A ``Gather`` with constant indices is folded: the stored tensor is the rows gathered, not the table
+   (MiniLM's position embeddings: 24 pages instead of 96); a uint8 table gathered into a 16-bit output is
+   stored at 16 bits.
+
+Rules 3 and 4 depend on the compiler's choices, so the pool predicted from the models alone
+(:attr:`SharedPrediction.pool_bytes`) misses them: on the MiniLM fine-tune it is 9.8% low. Each model's solo
+binary does hold them: :meth:`SharedPrediction.pool_from_solo` (its constant memory less the model's private
+tensors and its graph's own page) is within 0.2% of the pool there, and exact on the synthetic families.
 """
 
 from __future__ import annotations
@@ -51,13 +76,28 @@ from pyqshare.shapes import declared_dims, parse_input_shapes, runtime_inputs
 from pyqshare.share.quantized import load_family, predict_sharing
 
 POOL_PAGE_BYTES = 4096
-"""Measured (QAIRT 2.51, HTP v73): the shared-weights pool holds each shared tensor plus one 4,096-byte page,
-and one page when nothing is shared."""
+"""The HTP lays constant memory out in pages of this size (module docstring: storage rules)."""
+
+GRAPH_OWN_PAGES = 1
+"""Pages a solo graph's constant memory holds beyond its packed tensors (measured: weights of whole pages give
+their pages plus this)."""
 
 PLACEMENT_KEYS = ("htp_nodes", "cpu_nodes", "partitions", "htp_weight_bytes", "cpu_weight_bytes")
 
 
 # --------------------------------------------------------------------------------- predicted sharing
+
+
+def pool_bytes(shared_bytes: int) -> int:
+    """The shared-weights pool that ``shared_bytes`` of shared tensors fill (rule 1 of the module docstring):
+    packed one after another, rounded down to whole pages, one page more.
+
+    Parameters
+    ----------
+    shared_bytes : int
+        Bytes of the shared tensors, each counted once.
+    """
+    return (shared_bytes // POOL_PAGE_BYTES + 1) * POOL_PAGE_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,21 +109,37 @@ class SharedPrediction:
     shared_bytes : int
         Bytes of every weight group found in two or more models, each counted once.
     pool_bytes : int
-        The shared-weights pool this predicts (``shared_bytes`` plus :data:`POOL_PAGE_BYTES` per group,
-        at least one page), valid for weights whose shapes need no HTP tile padding.
+        The shared-weights pool this predicts from the models alone (:func:`pool_bytes`). Constants the HTP
+        compiler makes itself (rule 3 of the module docstring) are not in it.
     groups : list[dict]
         ``{"bytes", "members": [{"model": index, "tensor": name}, ...]}`` per shared group.
+    private_bytes : list[int]
+        Per model, the bytes of its tensors found in no other model.
     """
 
     shared_bytes: int
     pool_bytes: int
     groups: list[dict]
+    private_bytes: list[int]
+
+    def pool_from_solo(self, solo_const_bytes: Sequence[int]) -> int:
+        """The pool predicted from each model's solo binary: its constant memory less its private tensors
+        and its graph's own pages (rule 4), the smallest over models, at least one page. It counts the
+        constants the HTP compiler makes itself, which the models alone do not show.
+
+        Parameters
+        ----------
+        solo_const_bytes : Sequence[int]
+            ``const_bytes`` of each model's solo binary, in the family's order.
+        """
+        return max(POOL_PAGE_BYTES, min(((const - private) // POOL_PAGE_BYTES - GRAPH_OWN_PAGES) * POOL_PAGE_BYTES
+                                        for const, private in zip(solo_const_bytes, self.private_bytes, strict=True)))
 
 
 def predict_shared_bytes_from_qdq(model_paths: Sequence[str | os.PathLike[str]]) -> SharedPrediction:
     """Predict what a weight-shared context stores once: quantized weights with identical bytes, type and
     shape in two or more models, whatever their names and scales (QNN shares by bytes; the grouping is
-    :func:`pyqshare.share.quantized.predict_sharing`'s).
+    :func:`pyqshare.share.quantized.predict_sharing`'s), and the pool they fill.
 
     Parameters
     ----------
@@ -93,13 +149,17 @@ def predict_shared_bytes_from_qdq(model_paths: Sequence[str | os.PathLike[str]])
     Returns
     -------
     SharedPrediction
-        Shared bytes, the predicted pool, and the shared groups.
+        Shared bytes, the predicted pool, the shared groups and each model's private bytes.
     """
-    prediction = predict_sharing(load_family(model_paths))
+    family = load_family(model_paths)
+    prediction = predict_sharing(family)
     shared = [group for group in prediction.groups if len({member["model"] for member in group["members"]}) > 1]
     shared.sort(key=lambda group: -group["bytes"])
-    return SharedPrediction(prediction.shared_bytes,
-                            prediction.shared_bytes + POOL_PAGE_BYTES * max(1, len(shared)), shared)
+    in_pool = {(member["model"], member["tensor"]) for group in shared for member in group["members"]}
+    private = [sum(weight.nbytes for name, weight in member.counted().items() if (index, name) not in in_pool)
+               + sum(values.nbytes for name, values in member.float_weights.items() if (index, name) not in in_pool)
+               for index, member in enumerate(family)]
+    return SharedPrediction(prediction.shared_bytes, pool_bytes(prediction.shared_bytes), shared, private)
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -281,6 +341,7 @@ def share_compile(
         "solo_bytes": {str(path): solo.file_bytes for path, solo in zip(paths, family.solos, strict=True)},
         "solo_total_bytes": sum(family.solo_bytes),
         "measured_shared_bytes": family.shared_weights_bytes,
+        "solo_calibrated_pool_bytes": prediction.pool_from_solo([solo.info.const_bytes for solo in family.solos]),
         "binary": str(family.shared.binary),
         "graph_names": {str(path): list(graphs) for path, graphs in zip(paths, family.shared.graphs_by_model, strict=True)},
         "memory": {graph.name: dataclasses.asdict(graph.memory) for graph in family.shared.info.graphs if graph.memory},
