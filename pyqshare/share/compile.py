@@ -124,7 +124,7 @@ class SharedPrediction:
 
     def pool_from_solo(self, solo_const_bytes: Sequence[int]) -> int:
         """The pool predicted from each model's solo binary: its constant memory less its private tensors
-        and its graph's own pages (rule 4), the smallest over models, at least one page. It counts the
+        and its graph's own page (rule 2), the smallest over models, at least one page. It counts the
         constants the HTP compiler makes itself, which the models alone do not show.
 
         Parameters
@@ -278,7 +278,8 @@ def share_compile(
     dict
         The keys of ../shared/CLI.md (``models``, ``graphs``, ``combined_bytes``, ``solo_bytes``,
         ``predicted_shared_bytes``, ``measured_shared_bytes``, ``placement``) plus ``backend``,
-        ``predicted_shared_pool_bytes``, ``shared_groups``, ``graph_names``, ``memory``, ``lint``,
+        ``predicted_shared_pool_bytes``, ``solo_calibrated_pool_bytes``
+        (:meth:`SharedPrediction.pool_from_solo`), ``shared_groups``, ``graph_names``, ``memory``, ``lint``,
         ``fidelity``, ``binary``, ``prepared`` and ``seconds``; with ``dry_run`` or no backend: ``backend``,
         ``dry_run`` true, ``steps`` (onnxruntime-qnn) or ``commands`` (QNN SDK), the prediction and the lint.
     """
