@@ -54,7 +54,7 @@ from pyqshare.model import (
 )
 from pyqshare.model.external import inline_external, resolve_external
 from pyqshare.qnn.placement import placement_report
-from pyqshare.qnn.rewrites import fuse_gelu
+from pyqshare.qnn.rewrites import constants_second, fuse_gelu
 from pyqshare.quantization.folding import fold_batch_norms
 from pyqshare.shapes import declared_dims, parse_input_shapes, resolve_input_shapes, runtime_inputs
 
@@ -241,8 +241,9 @@ def _check_structure(model: onnx.ModelProto) -> None:
 
 
 def _make_static(model: onnx.ModelProto, source: Path, input_shapes: Mapping[str, Sequence[int]]) -> tuple[dict, int]:
-    """Fix the input dims, fold until nothing changes, fold BatchNorms into their layers, fuse erf-GELU and
-    record every inferred shape in the model.
+    """Fix the input dims, fold until nothing changes, fold BatchNorms into their layers, fuse erf-GELU, put
+    Add/Mul constants second (:func:`~pyqshare.qnn.rewrites.constants_second`) and record every inferred shape
+    in the model.
 
     Returns the value chosen per dim name and the number of folded nodes.
     """
@@ -255,6 +256,7 @@ def _make_static(model: onnx.ModelProto, source: Path, input_shapes: Mapping[str
     # QNN runs Conv+BatchNorm as one Conv; quantizing BN's mean and variance separately ruins 8-bit models.
     fold_batch_norms(model, source.parent)
     fuse_gelu(model)
+    constants_second(model)
     inferred = _infer(model)
     model.graph.value_info.extend(inferred.graph.value_info)
     for value, typed in zip(model.graph.output, inferred.graph.output, strict=True):

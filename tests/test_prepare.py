@@ -172,6 +172,28 @@ def test_shape_chain_is_folded_and_outputs_match(tmp_path):
     np.testing.assert_array_equal(_run_cpu(tmp_path / "out.onnx", {"x": x})[0], _run_cpu(source, {"x": x})[0])
 
 
+def test_add_and_mul_constants_go_second_with_the_same_outputs(tmp_path):
+    """PyTorch's ``bias + x @ W`` is Add(bias, x): QNN then stores the bias broadcast over every row (3 MB of
+    MiniLM's binary), so prepare swaps the operands; an Add of two activations stays as it is."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal(v).astype(np.float32), n)
+             for n, v in (("w", (8, 16)), ("bias", (16,)), ("gain", (16,)))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Add", ["bias", "h"], ["a"], name="add_bias"),
+             helper.make_node("Mul", ["gain", "a"], ["m"], name="mul_gain"),
+             helper.make_node("Add", ["m", "h"], ["y"], name="add_two")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 16])], inits)
+    source = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), source)
+    prepare_model(source, tmp_path / "out.onnx", {}, placement="none")
+    inputs = {node.name: list(node.input) for node in onnx.load(tmp_path / "out.onnx").graph.node}
+    assert inputs["add_bias"] == ["h", "bias"] and inputs["mul_gain"] == ["a", "gain"]
+    assert inputs["add_two"] == ["m", "h"]
+    x = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    np.testing.assert_array_equal(_run_cpu(tmp_path / "out.onnx", {"x": x})[0], _run_cpu(source, {"x": x})[0])
+
+
 def test_weights_and_their_consumers_are_never_folded(tmp_path):
     # onnxruntime's basic optimization would fold Transpose(w) into a second copy of w; prepare keeps it.
     w = np.arange(256, dtype=np.float32).reshape(16, 16)

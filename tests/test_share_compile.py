@@ -366,31 +366,3 @@ def test_pool_holds_the_broadcast_a_bias_first_add_materialises(tmp_path, requir
     assert rows * channels * 2 <= materialised <= rows * channels * 2 + 8 * POOL_PAGE_BYTES, materialised
     from_solo = prediction.pool_from_solo([solo.info.const_bytes for solo in family.solos])
     assert _within_one_percent(from_solo, family.shared_weights_bytes)
-
-
-@pytest.mark.slow
-def test_minilm_fine_tune_pool_within_one_percent(minilm_onnx, tmp_path, run_method, require_qnn):
-    """The issue's bar on a real model: MiniLM quantized per channel (16-bit activations) and a copy with its six
-    layer-5 matrices perturbed as a short fine-tune would. The pool holds what the models share plus about 3.5 MB
-    the HTP compiler makes (rule 3: MiniLM's biases are ``Add(bias, x)``), which only the solo binaries show."""
-    base, tuned = tmp_path / "base.onnx", tmp_path / "tuned.onnx"
-    model = onnx.load(minilm_onnx)
-    onnx.save(model, base)
-    targets = {node.input[1] for node in model.graph.node if node.op_type == "MatMul" and "layer.5" in node.name}
-    rng = np.random.default_rng(0)
-    perturbed = [tensor for tensor in model.graph.initializer if tensor.name in targets]
-    for tensor in perturbed:
-        values = numpy_helper.to_array(tensor)
-        noise = rng.normal(0, 1, values.shape) * 0.01 * values.std()
-        tensor.CopyFrom(numpy_helper.from_array((values + noise).astype(values.dtype), tensor.name))
-    assert len(perturbed) == 6  # query, key, value, output, intermediate, output dense
-    onnx.save(model, tuned)
-    quantized = []
-    for path in (base, tuned):
-        run_method("per-channel", path, path.with_suffix(".q.onnx"), "--optimization-level", 1)
-        quantized.append(path.with_suffix(".q.onnx"))
-    prediction = predict_shared_bytes_from_qdq(quantized)
-    family = compile_family(quantized, tmp_path / "out")
-    measured = family.shared_weights_bytes
-    assert prediction.shared_bytes < measured  # the models alone miss the compiler's constants
-    assert _within_one_percent(prediction.pool_from_solo([solo.info.const_bytes for solo in family.solos]), measured)
