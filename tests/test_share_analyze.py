@@ -591,3 +591,34 @@ def test_quantized_view_lists_float_identical_weights_whose_encodings_differ(tmp
     assert prediction["shared_bytes"] < prediction["total_bytes"] / 4
     refused = run_cli("share", "analyze", tmp_path / "a.onnx", tmp_path / "b.onnx", "--float-models", source, source)
     assert refused.returncode == 2 and "--quantized" in refused.stderr
+
+
+def test_inline_onnx_initializers_are_mapped_from_the_file_not_kept_parsed(tmp_path):
+    """Main-graph initializers stored as raw bytes are read at their offset in the .onnx file (so a family of
+    inline models is not held in memory); Constant-node weights still come from the parsed model."""
+    import mmap
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from pyqshare.share.sources import open_model
+
+    rng = np.random.default_rng(7)
+    weight, constant = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((32, 8)).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(constant, "c")),
+             helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    tensors = {t.name: t for t in open_model(tmp_path / "m.onnx").tensors}
+    mapped, parsed = tensors["w"].array(), tensors["c"].array()
+    np.testing.assert_array_equal(mapped, weight)
+    np.testing.assert_array_equal(parsed, constant)
+
+    def backing(array):
+        while isinstance(array, np.ndarray) and array.base is not None:
+            array = array.base
+        return array.obj if isinstance(array, memoryview) else array
+
+    assert isinstance(backing(mapped), mmap.mmap) and not isinstance(backing(parsed), mmap.mmap)

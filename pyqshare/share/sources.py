@@ -4,8 +4,8 @@ Forms (:func:`open_model` tells them apart: a folder, then the file's first byte
 
 * **ONNX** (``.onnx``): every float weight :func:`pyqshare.model.find_weights` reports (initializers,
   external data, ``Constant`` nodes, subgraphs), so external data is validated exactly as
-  :func:`pyqshare.model.load_model` does. Weights inside the ``.onnx`` file stay in the parsed model;
-  external data is memory-mapped.
+  :func:`pyqshare.model.load_model` does. External data, and main-graph initializers stored as raw bytes in
+  the ``.onnx`` file, are memory-mapped (Constant nodes, subgraph and typed-field tensors stay parsed).
 * **A folder of raw weight files**, as ``tar xf`` extracts a qnn-onnx-converter ``.bin``: one file per
   tensor, named by its path relative to the folder. Raw files carry no dtype or shape: each is bytes, shape
   ``(nbytes,)``. Symbolic links and special files are refused (nothing outside the folder is read).
@@ -17,7 +17,7 @@ Forms (:func:`open_model` tells them apart: a folder, then the file's first byte
   (dtype, shape, offsets inside the data region, sizes that match, no overlaps); tensors are memory-mapped.
 
 Memory: a file-backed tensor is mapped only while the array :meth:`SourceTensor.array` returns is alive, so
-reading a family tensor by tensor keeps the resident set to about one tensor (plus the parsed ONNX models).
+reading a family tensor by tensor keeps the resident set to about one tensor (plus what stays parsed).
 Every problem with an input is an :class:`~pyqshare.errors.InputError` naming the file.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import stat
@@ -217,6 +218,9 @@ def _mapped(path: Path, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[
 
 
 def _onnx(path: Path, model: int, min_elements: int) -> list[SourceTensor]:
+    """The model's weights; main-graph initializers stored as raw bytes in the file are memory-mapped at their
+    offset (:func:`_raw_data_offsets`), so the parsed model can be dropped: a family of inline ONNX files is
+    read with about one model resident, as are the other forms."""
     try:
         onnx_model = load_model(path)
         weights = find_weights(onnx_model, path.parent, min_elements=min_elements)
@@ -224,6 +228,7 @@ def _onnx(path: Path, model: int, min_elements: int) -> list[SourceTensor]:
         if str(path) in str(error):
             raise
         raise InputError(f"{path}: {error}") from None
+    offsets = _raw_data_offsets(path) if any(w.location == "initializer" and not w.graph for w in weights) else {}
     tensors = []
     for weight in weights:
         layouts = ()
@@ -232,9 +237,72 @@ def _onnx(path: Path, model: int, min_elements: int) -> list[SourceTensor]:
             if gates is not None:
                 outer = weight.shape[0] * (2 if weight.role == "rnn_b" else 1)
                 layouts = (GateLayout(gates, outer, "onnx"),)
-        tensors.append(SourceTensor(model, weight.name, np.dtype(weight.dtype), tuple(weight.shape), weight.nbytes,
-                                    layouts, weight.array))
+        dtype, shape = np.dtype(weight.dtype), tuple(weight.shape)
+        offset, length = offsets.get(weight.name, (None, None)) if weight.location == "initializer" and not weight.graph \
+            else (None, None)
+        read = _mapped(path, offset, length, dtype, shape) if length == weight.nbytes else weight.array
+        tensors.append(SourceTensor(model, weight.name, dtype, shape, weight.nbytes, layouts, read))
     return tensors
+
+
+def _raw_data_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """``{initializer name: (offset, length)}`` of the ``raw_data`` of every main-graph initializer of an ONNX
+    file, found by walking the protobuf wire format (ModelProto.graph = field 7, GraphProto.initializer = 5,
+    TensorProto.name = 8, raw_data = 9); length-delimited fields are skipped without reading them. The file
+    was parsed by onnx already, so it is well formed; a walk that leaves the bounds finds nothing."""
+    found: dict[str, tuple[int, int]] = {}
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            for field, start, end in _fields(data, 0, len(data)):
+                if field != 7:
+                    continue
+                for entry, tensor_start, tensor_end in _fields(data, start, end):
+                    if entry != 5:
+                        continue
+                    name, raw = None, None
+                    for part, part_start, part_end in _fields(data, tensor_start, tensor_end):
+                        if part == 8:
+                            name = bytes(data[part_start:part_end]).decode("utf-8")
+                        elif part == 9:
+                            raw = (part_start, part_end - part_start)
+                    if name is not None and raw is not None:
+                        found[name] = raw
+        except (IndexError, ValueError):
+            return {}
+    return found
+
+
+def _fields(data, start: int, end: int):
+    """``(field number, start, end)`` of every length-delimited field in ``data[start:end]``."""
+    position = start
+    while position < end:
+        key, position = _varint(data, position)
+        wire_type = key & 7
+        if wire_type == 0:
+            _, position = _varint(data, position)
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 5:
+            position += 4
+        elif wire_type == 2:
+            length, position = _varint(data, position)
+            if position + length > end:
+                raise ValueError("field past its message")
+            yield key >> 3, position, position + length
+            position += length
+        else:
+            raise ValueError(f"wire type {wire_type}")
+
+
+def _varint(data, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
 
 
 def _torch_gate_layouts(name: str, shape: tuple[int, ...]) -> tuple[GateLayout, ...]:
