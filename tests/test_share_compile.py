@@ -269,6 +269,20 @@ def test_lint_flags_asymmetric_int4_and_blockwise_with_8bit_activations(tmp_path
     assert [f.rule for f in lint_qdq_model(blockwise)] == ["blockwise-8bit-activations"]
 
 
+def test_compile_refuses_what_the_htp_computes_wrongly_unless_allowed(tmp_path, run_cli, require_qnn):
+    """Asymmetric int4 weights give wrong answers on the HTP (QNN_NOTES): a lint error stops the compile
+    before anything is built; --allow-lint-errors compiles anyway and still reports the finding."""
+    int4 = _codes(1, (64, 64), ml_dtypes.int4, high=7)
+    models = [_qdq_chain(tmp_path / f"m{i}.onnx", [("w", int4, 0.01, 3)], 64) for i in range(2)]
+    refused = run_cli("share", "compile", *models, "--output-dir", tmp_path / "out", "--json")
+    assert refused.returncode == 2 and "asymmetric" in refused.stderr.lower() and refused.stdout == ""
+    assert not (tmp_path / "out" / "shared").exists()
+    done = run_cli("share", "compile", *models, "--output-dir", tmp_path / "out", "--allow-lint-errors", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert {finding["rule"] for finding in report["lint"]} == {"asymmetric-int4"} and report["graphs"] == 2
+
+
 # --------------------------------------------------------------------------------------------------- hostile
 
 

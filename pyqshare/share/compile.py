@@ -259,6 +259,7 @@ def share_compile(
     dry_run: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     provider_options: Mapping[str, object] | None = None,
+    allow_lint_errors: bool = False,
 ) -> dict:
     """Compile a family of QDQ models into one weight-shared QNN context and report what it saves.
 
@@ -276,6 +277,9 @@ def share_compile(
         Static shapes for dynamic inputs (used when a model needs preparing).
     provider_options : Mapping[str, object], optional
         QNN provider options over pyqshare's defaults.
+    allow_lint_errors : bool
+        Compile even when the lint finds what the HTP computes wrongly (asymmetric int4 weights, block-wise
+        weights with 8-bit activations); by default that is an InputError before anything compiles.
 
     Returns
     -------
@@ -330,6 +334,10 @@ def share_compile(
     lint = [{"model": str(path), **dataclasses.asdict(finding)}
             for path, placement in zip(paths, placements, strict=True)
             for finding in lint_qdq_model(path, placement)]
+    errors = [f"{finding['model']}: {finding['message']}" for finding in lint if finding["severity"] == "error"]
+    if errors and not allow_lint_errors:
+        raise InputError("the HTP would compute these wrongly (--allow-lint-errors compiles anyway): "
+                         + "; ".join(errors))
     on_cpu = {str(path): placement.cpu_ops for path, placement in zip(paths, placements, strict=True) if placement.cpu_nodes}
     if require_full_offload and on_cpu:
         raise RuntimeError(f"--require-full-offload: nodes would run on the CPU: {on_cpu} (see the lint with --dry-run)")
@@ -371,9 +379,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print what would run, compile nothing")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
                         help="static shape of a dynamic input, for models that need preparing (repeatable)")
+    parser.add_argument("--allow-lint-errors", action="store_true",
+                        help="compile even what the lint says the HTP computes wrongly (asymmetric int4 weights, "
+                        "block-wise weights with 8-bit activations)")
 
 
 def run(args: argparse.Namespace) -> dict:
     return share_compile([*args.models, *args.model_path], args.output_dir,
                          require_full_offload=args.require_full_offload, dry_run=args.dry_run,
-                         input_shapes=parse_input_shapes(args.input_shape))
+                         input_shapes=parse_input_shapes(args.input_shape), allow_lint_errors=args.allow_lint_errors)
